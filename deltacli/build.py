@@ -1,0 +1,69 @@
+"""A recipe's model with its deltas attached: the one place train, eval and inspect get it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from deltacli.deltas import DeltaSet, attach
+from deltacli.deltas.specify import ModulesConfig
+from deltacli.models import build_on_meta, head_modules, load_model
+from deltacli.peft_format import key_names
+from deltacli.recipe import Recipe
+from deltacli.store import SavedDelta
+
+
+def attach_recipe(model: nn.Module, recipe: Recipe) -> DeltaSet:
+    """Attach the recipe's deltas, and unfreeze the task head when `recipe.head` asks."""
+    head_names = head_modules(model) if recipe.head else []
+    head = ModulesConfig(targets=head_names) if head_names else None
+    return attach(model, recipe.deltas, head)
+
+
+def prepare_model(recipe: Recipe, meta: bool = False) -> tuple[nn.Module, DeltaSet]:
+    """The recipe's base model (real weights, or shapes only on the meta device) with its
+    deltas attached. `recipe.data.labels` sizes the head."""
+    loader = build_on_meta if meta else load_model
+    model = loader(recipe.model, recipe.task, recipe.data.labels)
+    return model, attach_recipe(model, recipe)
+
+
+def resolved_recipe(saved: SavedDelta) -> Recipe:
+    """The saved delta's recipe with its labels known.
+
+    PEFT adapters carry no label names; the saved head's output rows say how many labels the
+    model has, so a 3-way classifier is rebuilt as one."""
+    if saved.recipe.data.labels is not None or not saved.recipe.head:
+        return saved.recipe
+    model, deltas = prepare_model(saved.recipe, meta=True)
+    keys = key_names(deltas)
+    rows = {
+        saved.tensors[keys[name]].shape[0]
+        for name, param in deltas.head.params.items()
+        if param.ndim == 2
+        and param.shape[0] == model.config.num_labels
+        and keys[name] in saved.tensors
+    }
+    if len(rows) != 1:
+        return saved.recipe
+    labels = list(range(rows.pop()))
+    return dataclasses.replace(
+        saved.recipe, data=dataclasses.replace(saved.recipe.data, labels=labels)
+    )
+
+
+def saved_on_meta(saved: SavedDelta) -> tuple[nn.Module, DeltaSet]:
+    """The saved delta's model with its deltas attached, on the meta device."""
+    return prepare_model(resolved_recipe(saved), meta=True)
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """Total and trainable parameters, counted as PEFT's `get_nb_trainable_parameters` does."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "total": total,
+        "trainable": trainable,
+        "trainable_percent": 100.0 * trainable / total if total else 0.0,
+    }

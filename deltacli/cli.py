@@ -1,0 +1,295 @@
+"""The `deltacli` command: options in, one library call, a table or JSON out.
+
+Each command only parses options and calls the library; anything it does is also callable
+from Python. A `DeltacliError` becomes one red line and exit code 2 (`DELTACLI_DEBUG=1` shows
+the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from deltacli.errors import DeltacliError
+
+app = typer.Typer(
+    name="deltacli",
+    help="Delta tuning (parameter-efficient fine-tuning) of Hugging Face transformers.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console()
+err = Console(stderr=True)
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Recipe overrides as dotted key=value, e.g. train.lr=1e-4 deltas.0.r=16"),
+]
+Method = Annotated[
+    str | None,
+    typer.Option("--method", "-m", help="A shipped recipe by name (see `deltacli recipes`)."),
+]
+RecipeFile = Annotated[
+    Path | None, typer.Option("--recipe", "-r", help="A recipe YAML file.", dir_okay=False)
+]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+TRAIN_EXAMPLES = r"""
+[bold]Examples[/]
+
+  [dim]# the embedded MiniLM on the bundled SST-2 sample[/]
+  deltacli train --method lora
+  deltacli train --method bitfit --output runs/bitfit --overwrite
+  deltacli train --method lora --model ./bert --data train.csv --eval-data dev.csv
+  deltacli train --recipe my.yaml train.lr=1e-4 deltas.0.r=16 'deltas.0.targets=\[query,value]'
+  [dim]# two processes (GPUs, or CPUs with gloo)[/]
+  accelerate launch --multi_gpu --num_processes 2 -m deltacli train --method lora
+"""
+
+
+@app.command(epilog=TRAIN_EXAMPLES)
+def train(
+    overrides: Overrides = None,
+    method: Method = None,
+    recipe: RecipeFile = None,
+    model: Annotated[
+        str | None, typer.Option(help="Base model: a local directory, a Hub id, or `default`.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Training data: csv/tsv/json/jsonl/parquet file, sst2:train, or Hub NAME[:SPLIT]."
+        ),
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option(help="Evaluation data, same forms. With --data alone, 10% of it is held out."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help=r"Delta directory to write \[default: runs/NAME-TIME]."
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --output if it exists.")] = False,
+) -> None:
+    """Fine-tune a delta (LoRA, BitFit, LayerNorm, ... or full) and save it.
+
+    Shows progress, evaluates after every epoch, keeps the best epoch, and writes a delta
+    directory (PEFT's format where PEFT has the method) with the resolved recipe and metrics.
+    """
+    from deltacli.recipe import load_recipe, recipe_file
+    from deltacli.render import train_summary
+    from deltacli.trainer import train as run_training
+
+    extra = [f"model={model}"] if model else []
+    if data:
+        extra += [f"data.train={data}", f"data.eval={eval_data or 'null'}"]
+    elif eval_data:
+        extra.append(f"data.eval={eval_data}")
+    resolved = load_recipe(recipe_file(method, recipe), [*extra, *(overrides or [])])
+    result = run_training(resolved, output, overwrite, console=err)
+    if result.metrics and _is_main_process():
+        out.print(train_summary(str(result.output), result.metrics))
+
+
+@app.command("eval")
+def evaluate(
+    delta: Annotated[Path, typer.Option(help="Delta directory (deltacli's or a PEFT adapter).")],
+    data: Annotated[
+        str, typer.Option(help="Data to score: a file, a bundled sample, or a Hub NAME[:SPLIT].")
+    ],
+    model: Annotated[
+        str | None, typer.Option(help="Base model [default: the one the delta names].")
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="Text column [default: the recipe's].")] = None,
+    text_pair: Annotated[str | None, typer.Option(help="Second text column, for pairs.")] = None,
+    label: Annotated[str | None, typer.Option(help="Label column [default: the recipe's].")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per batch.")] = 64,
+    json: Json = False,
+) -> None:
+    """Score base model + delta on a data set: accuracy, macro-F1, Matthews correlation."""
+    from deltacli.evaluate import score_delta
+    from deltacli.render import metrics_table, print_json
+
+    columns = {"text": text, "text_pair": text_pair, "label": label}
+    metrics = score_delta(delta, data, model, columns, batch_size)
+    if json:
+        print_json(out, metrics)
+    else:
+        out.print(metrics_table(metrics, f"{delta} on {data}"))
+
+
+INSPECT_EXAMPLES = """
+[bold]Examples[/]
+
+  deltacli inspect default --method lora
+  deltacli inspect ./llama-70b/config.json --method lora --json
+  deltacli inspect runs/lora-20261126-101500
+"""
+
+
+@app.command(epilog=INSPECT_EXAMPLES)
+def inspect(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A model (directory, config.json, Hub id, `default`) or a delta directory."
+        ),
+    ],
+    overrides: Overrides = None,
+    method: Method = None,
+    recipe: RecipeFile = None,
+    json: Json = False,
+) -> None:
+    """Show what trains: totals and a per-module table, from a config alone or a saved delta.
+
+    Models are built on the meta device, so no weight is read and any size answers at once.
+    """
+    from deltacli.inspection import inspect_delta, inspect_model
+    from deltacli.recipe import load_recipe, recipe_file
+    from deltacli.render import delta_report, model_report, print_json
+    from deltacli.store import is_delta_dir
+
+    if is_delta_dir(Path(target)):
+        report = inspect_delta(Path(target))
+        tables = delta_report(report)
+    else:
+        resolved = None
+        if method or recipe or overrides:
+            resolved = load_recipe(
+                recipe_file(method, recipe), [f"model={target}", *(overrides or [])]
+            )
+        report = inspect_model(target, resolved)
+        tables = model_report(report)
+    if json:
+        print_json(out, report)
+    else:
+        for table in tables:
+            out.print(table)
+
+
+@app.command()
+def recipes(
+    name: Annotated[str | None, typer.Argument(help="Print this recipe's YAML.")] = None,
+) -> None:
+    """List the shipped recipes, or print one to copy and edit."""
+    from rich.table import Table
+
+    from deltacli.recipe import recipe_file, shipped_recipes
+
+    if name:
+        out.print(
+            recipe_file(name, None).read_text(encoding="utf-8"), markup=False, highlight=False
+        )
+        return
+    table = Table(title="shipped recipes (deltacli train --method NAME)", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("what it trains")
+    for recipe_name, path in sorted(shipped_recipes().items()):
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        table.add_row(recipe_name, first.lstrip("# "))
+    out.print(table)
+
+
+MERGE_EXAMPLES = """
+[bold]Examples[/]
+
+  deltacli merge default runs/lora merged/ --verify
+  deltacli merge ./llama runs/lora-a runs/lora-b merged/ --weights 0.5,0.5 --dtype bf16
+"""
+
+
+@app.command(epilog=MERGE_EXAMPLES)
+def merge(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="BASE DELTA [DELTA ...] OUT: a model (directory, Hub id, `default`), deltacli "
+            "or PEFT delta directories applied in order, and the directory to write.",
+            metavar="BASE DELTA... OUT",
+        ),
+    ],
+    dtype: Annotated[
+        str, typer.Option(help="Dtype of the merged weights: same, bf16, fp16 or fp32.")
+    ] = "same",
+    weights: Annotated[
+        str | None, typer.Option(help="Comma-separated weight per delta, e.g. 0.5,0.5.")
+    ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Compare merged logits with base + delta; fail and write nothing above tolerance."
+        ),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    json: Json = False,
+) -> None:
+    """Fold deltas into the base weights, shard by shard, in little memory.
+
+    Streams one base tensor at a time, so peak memory is about the largest shard plus the
+    deltas. Writes a normal Hugging Face directory (config, tokenizer, shard layout, index).
+    Only deltas linear in the weights (LoRA, BitFit, LayerNorm, module-wise, full) fold.
+    """
+    from deltacli.merge import merge as run_merge
+    from deltacli.render import merge_summary, print_json
+
+    if len(paths) < 3:
+        raise DeltacliError("merge needs BASE, at least one DELTA, and OUT")
+    base, *deltas, output = paths
+    report = run_merge(
+        base,
+        [Path(d) for d in deltas],
+        Path(output),
+        dtype=dtype,
+        weights=_floats(weights) if weights else None,
+        verify=verify,
+        overwrite=overwrite,
+        console=err,
+    )
+    if json:
+        print_json(out, report)
+    else:
+        out.print(merge_summary(report))
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise DeltacliError(
+            f"--weights must be numbers separated by commas, got {text!r}"
+        ) from None
+
+
+@app.command()
+def sparsify() -> None:
+    """Turn a dense update into a sparse delta (not implemented yet)."""
+    raise DeltacliError("sparsify is not implemented yet")
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and an exit code."""
+    try:
+        app()
+    except DeltacliError as error:
+        if os.environ.get("DELTACLI_DEBUG") == "1":
+            raise
+        message = " ".join(str(error).split())
+        err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]")
+        sys.exit(130)

@@ -1,0 +1,197 @@
+"""Examples in, token ids out: loading tables, mapping labels, tokenising, batching.
+
+Data comes from a local csv/tsv/json/jsonl/parquet file, a sample bundled with deltacli
+(`sst2:train`, `sst2:validation`), or a Hub dataset `NAME[:SPLIT]`. The `datasets` library
+does the reading; this module adds the checks that turn a wrong column or path into one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.resources
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from deltacli.errors import DeltacliError
+from deltacli.recipe import DataConfig
+
+datasets.disable_progress_bars()
+datasets.logging.set_verbosity_error()
+
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def bundled_samples() -> dict[str, Path]:
+    """`NAME:SPLIT` -> file, for the data samples shipped inside the package."""
+    root = importlib.resources.files("deltacli.samples")
+    return {
+        f"{folder.name}:{Path(file.name).stem}": Path(str(file))
+        for folder in root.iterdir()
+        if folder.is_dir() and not folder.name.startswith("_")
+        for file in folder.iterdir()
+        if file.name.endswith(".tsv")
+    }
+
+
+def load_table(spec: str, hub_config: str | None = None) -> datasets.Dataset:
+    """The rows of a file, bundled sample or Hub split, as a `datasets.Dataset`."""
+    bundled = bundled_samples()
+    path = bundled.get(spec) or Path(spec).expanduser()
+    if path.is_file():
+        return _read_file(path)
+    if path.suffix in _BUILDERS or path.is_dir():
+        raise DeltacliError(f"data file {spec} does not exist")
+    name, _, split = spec.partition(":")
+    try:
+        return datasets.load_dataset(name, hub_config, split=split or "train")
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DeltacliError(
+            f"cannot load data {spec!r}: not a local file, not a bundled sample "
+            f"({', '.join(sorted(bundled))}), and not a reachable Hub dataset ({reason})"
+        ) from None
+
+
+def _read_file(path: Path) -> datasets.Dataset:
+    builder = _BUILDERS.get(path.suffix)
+    if builder is None:
+        raise DeltacliError(f"cannot read {path}: use a .csv, .tsv, .json, .jsonl or .parquet file")
+    # GLUE-style TSV files hold unbalanced quotes that are text, not quoting.
+    options = {"sep": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
+    try:
+        return datasets.load_dataset(
+            builder, data_files=str(path), split="train", keep_in_memory=True, **options
+        )
+    except Exception as error:
+        raise DeltacliError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+
+
+@dataclasses.dataclass
+class TaskData:
+    """Tokenised train and eval sets and the label values in id order."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    labels: list
+
+
+def load_task_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> TaskData:
+    """Everything training needs from the data section of a recipe."""
+    train = _with_columns(load_table(config.train, config.hub_config), config, config.train)
+    if config.eval:
+        evaluation = _with_columns(load_table(config.eval, config.hub_config), config, config.eval)
+    else:
+        split = train.train_test_split(test_size=config.eval_fraction, seed=seed)
+        train, evaluation = split["train"], split["test"]
+    if config.max_train_rows is not None:
+        train = train.select(range(min(config.max_train_rows, len(train))))
+    labels = config.labels or label_values(train, config.label)
+    return TaskData(
+        train=encode(train, tokenizer, config, labels, config.train),
+        eval=encode(evaluation, tokenizer, config, labels, config.eval or config.train),
+        labels=labels,
+    )
+
+
+def load_scoring_data(
+    spec: str, config: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[datasets.Dataset, list]:
+    """One tokenised table to score a trained model on, and the labels in id order: the
+    model's (`config.labels`) or, for a model that saved none (a PEFT adapter), the sorted
+    values found in the table."""
+    table = _with_columns(load_table(spec, config.hub_config), config, spec)
+    labels = config.labels or label_values(table, config.label)
+    return encode(table, tokenizer, config, labels, spec), labels
+
+
+def _with_columns(table: datasets.Dataset, config: DataConfig, source: str) -> datasets.Dataset:
+    """The table with its label column as plain values, after checking the columns exist."""
+    wanted = [("text", config.text), ("label", config.label)]
+    if config.text_pair:
+        wanted.append(("text_pair", config.text_pair))
+    for key, column in wanted:
+        if column not in table.column_names:
+            raise DeltacliError(
+                f"{source} has no column {column!r} (columns: {', '.join(table.column_names)}); "
+                f"set data.{key}=COLUMN"
+            )
+    feature = table.features[config.label]
+    if isinstance(feature, datasets.ClassLabel):
+        names = feature.names
+        table = table.map(
+            lambda batch: {config.label: [names[i] for i in batch[config.label]]},
+            batched=True,
+            features=datasets.Features({**table.features, config.label: datasets.Value("string")}),
+            keep_in_memory=True,
+        )
+    return table
+
+
+def label_values(table: datasets.Dataset, column: str) -> list:
+    """The distinct labels in id order: sorted values, so that 0/1 columns keep their ids."""
+    values = set(table[column])
+    if None in values:
+        raise DeltacliError(f"column {column!r} has rows without a label")
+    if any(isinstance(v, float) and not v.is_integer() for v in values):
+        raise DeltacliError(
+            f"column {column!r} holds fractional numbers; regression is not supported"
+        )
+    values = {int(v) if isinstance(v, float) else v for v in values}
+    if len({type(v) for v in values}) > 1:
+        values = {str(v) for v in values}
+    if len(values) < 2:
+        raise DeltacliError(f"column {column!r} has fewer than two distinct labels")
+    return sorted(values)
+
+
+def encode(
+    table: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    config: DataConfig,
+    labels: list,
+    source: str,
+) -> datasets.Dataset:
+    """Token ids, attention masks and label ids; the text columns are dropped."""
+    ids = {label: i for i, label in enumerate(labels)}
+    ids.update({str(label): i for i, label in enumerate(labels)})
+
+    def label_id(value) -> int:
+        key = int(value) if isinstance(value, float) and value.is_integer() else value
+        if key not in ids:
+            raise DeltacliError(
+                f"{source} has label {value!r}, which the model does not know "
+                f"(labels: {', '.join(map(str, labels))})"
+            )
+        return ids[key]
+
+    def tokenize(batch: dict) -> dict:
+        texts = [t or "" for t in batch[config.text]]
+        pairs = [t or "" for t in batch[config.text_pair]] if config.text_pair else None
+        encoded = tokenizer(texts, pairs, truncation=True, max_length=config.max_length)
+        encoded["labels"] = [label_id(v) for v in batch[config.label]]
+        return encoded
+
+    return table.map(tokenize, batched=True, remove_columns=table.column_names, keep_in_memory=True)
+
+
+def batches(
+    table: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+) -> DataLoader:
+    """Dynamically padded batches of an encoded table."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        table,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+    )

@@ -1,0 +1,146 @@
+"""The one delta abstraction: a config dataclass, a class that attaches it, and a registry.
+
+A delta changes a frozen model by `h <- h + s * Δh` somewhere (addition, reparameterisation) or
+by unfreezing a chosen subset of its weights (specification). The trainer, the saver and the
+inspector only ever see what this module exposes: which parameters train, what tensors to
+save, and how saved tensors are named in PEFT's format. They never ask which kind they hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from deltacli.errors import DeltacliError, did_you_mean
+
+Increment = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass
+class DeltaConfig:
+    """Hyper-parameters of one delta, exactly as a recipe's `deltas:` item spells them."""
+
+    kind: ClassVar[str]
+
+
+class Delta(ABC):
+    """One delta attached to one model.
+
+    Subclasses set `kind`, `config_class` and, where PEFT has the same method, `peft_type`;
+    `attach` fills `self.params` with the parameters to train, named as in the model.
+    """
+
+    kind: ClassVar[str]
+    config_class: ClassVar[type[DeltaConfig]]
+    peft_type: ClassVar[str | None] = None
+    mergeable: ClassVar[bool] = False  # linear in the base weights, so `merge` can fold it in
+    needs_base: ClassVar[bool] = True  # its increments depend on the base weight existing
+
+    def __init__(self, config: DeltaConfig) -> None:
+        self.config = config
+        self.params: dict[str, nn.Parameter] = {}
+
+    @abstractmethod
+    def attach(self, model: nn.Module) -> None:
+        """Change `model` in place and record the parameters to train in `self.params`."""
+
+    def detach(self) -> None:
+        """Undo `attach`, leaving the model as it was (kinds that add modules override this)."""
+        self.params = {}
+
+    def delta_weights(self, values: dict[str, torch.Tensor]) -> dict[str, Increment]:
+        """What merging adds to each base weight this delta changes.
+
+        `values` holds the delta's trained tensors by parameter name. Each returned function
+        takes the base tensor (fp32; zeros where the base checkpoint lacks it, as for a new
+        task head) and gives the increment ΔW, so several deltas combine as W + Σ wᵢ ΔWᵢ.
+        """
+        raise NotImplementedError(f"{self.kind} deltas cannot be merged into base weights")
+
+    def peft_key(self, name: str) -> str:
+        """The key PEFT's `adapter_model.safetensors` uses for the parameter `name`."""
+        return f"base_model.model.{name}"
+
+    def peft_config(self, model: nn.Module) -> dict:
+        """This delta's fields of PEFT's `adapter_config.json` (only where `peft_type` is set)."""
+        raise NotImplementedError(f"{self.kind} has no PEFT equivalent")
+
+
+KINDS: dict[str, type[Delta]] = {}
+
+
+def register(cls: type[Delta]) -> type[Delta]:
+    """Class decorator: make a delta kind available to recipes by its `kind` name."""
+    if cls.kind in KINDS:
+        raise ValueError(f"delta kind {cls.kind!r} is registered twice")
+    if "kind" in vars(cls.config_class):
+        raise ValueError(f"{cls.config_class.__name__} already belongs to another kind")
+    cls.config_class.kind = cls.kind
+    KINDS[cls.kind] = cls
+    return cls
+
+
+def kind_class(kind: str) -> type[Delta]:
+    """The registered class of `kind`, or a clear error listing the kinds there are."""
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise DeltacliError(
+            f"unknown delta kind {kind!r}{did_you_mean(str(kind), list(KINDS))}; "
+            f"known kinds: {', '.join(sorted(KINDS))}"
+        ) from None
+
+
+class DeltaSet:
+    """The deltas of one recipe attached to one model, plus the task head when it trains.
+
+    Several deltas compose: each attaches in turn, and the trainable set is their union. The
+    head is kept apart because PEFT saves it as `modules_to_save`, not as part of a method.
+    """
+
+    def __init__(self, model: nn.Module, deltas: list[Delta], head: Delta | None) -> None:
+        self.model = model
+        self.deltas = deltas
+        self.head = head
+
+    @property
+    def members(self) -> list[Delta]:
+        return [*self.deltas, *([self.head] if self.head else [])]
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """Every trainable parameter by model name, each once even where deltas overlap."""
+        params: dict[str, nn.Parameter] = {}
+        for delta in self.members:
+            params.update(delta.params)
+        return params
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a saved delta holds: the current value of every trainable parameter."""
+        return {name: p.detach() for name, p in self.parameters().items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy values in: one tensor for every trainable parameter, of its shape."""
+        with torch.no_grad():
+            for name, param in self.parameters().items():
+                param.copy_(tensors[name].to(param.dtype))
+
+    def detach(self) -> None:
+        for delta in reversed(self.members):
+            delta.detach()
+
+
+def attach(model: nn.Module, configs: list[DeltaConfig], head: DeltaConfig | None) -> DeltaSet:
+    """Freeze `model`, attach each delta in order, and unfreeze exactly what they train."""
+    model.requires_grad_(False)
+    deltas = [kind_class(c.kind)(c) for c in configs]
+    head_delta = kind_class(head.kind)(head) if head else None
+    for delta in [*deltas, *([head_delta] if head_delta else [])]:
+        delta.attach(model)
+        for param in delta.params.values():
+            param.requires_grad_(True)
+    return DeltaSet(model, deltas, head_delta)

@@ -1,0 +1,167 @@
+"""Specification: train a chosen subset of the model's own weights and freeze the rest.
+
+BitFit (Ben Zaken et al., 2022) trains every bias; LayerNorm tuning (ValizadehAslani et al.,
+2024) every normalisation weight and bias; module-wise specification any parameter-name
+patterns; full fine-tuning everything. Each can be narrowed to chosen layers: the
+LayerNorm/module-transferability result tunes one module type in a single layer.
+
+The saved value of a specified parameter *replaces* the base weight (it is not an increment),
+so these deltas fold into a merged model by plain assignment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import abstractmethod
+from functools import partial
+
+import torch
+from torch import nn
+
+from deltacli.deltas.base import Delta, DeltaConfig, Increment, register
+from deltacli.deltas.targets import layer_index, minimal_suffixes, select
+from deltacli.errors import DeltacliError
+from deltacli.schema import option
+
+
+@dataclasses.dataclass
+class SpecifyConfig(DeltaConfig):
+    layers: list[int] | None = option(
+        None, "train only these layer indices (-1 is the last); null: every layer"
+    )
+
+
+@dataclasses.dataclass
+class BitFitConfig(SpecifyConfig):
+    pass
+
+
+@dataclasses.dataclass
+class LayerNormConfig(SpecifyConfig):
+    targets: list[str] | None = option(
+        None, "name patterns narrowing which normalisation modules train; null: all of them"
+    )
+
+
+@dataclasses.dataclass
+class FullConfig(SpecifyConfig):
+    pass
+
+
+@dataclasses.dataclass
+class ModulesConfig(SpecifyConfig):
+    targets: list[str] = option(
+        [], "parameter or module name patterns to unfreeze, e.g. [attention.output.LayerNorm]"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise DeltacliError("a `modules` delta needs targets, e.g. targets=[LayerNorm]")
+
+
+class Specify(Delta):
+    """Unfreezes the parameters `choose` names, restricted to `config.layers`."""
+
+    config: SpecifyConfig
+    mergeable = True
+    needs_base = False  # a trained value replaces the weight, present in the base or not
+
+    @abstractmethod
+    def choose(self, model: nn.Module) -> list[str]:
+        """Names of the parameters this kind trains, before any layer restriction."""
+
+    def attach(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        names = self.choose(model)
+        if self.config.layers is not None:
+            names = _in_layers(names, self.config.layers, params)
+        if not names:
+            raise DeltacliError(f"the {self.kind} delta chose no parameters in this model")
+        self.params = {name: params[name] for name in names}
+
+    def delta_weights(self, values: dict[str, torch.Tensor]) -> dict[str, Increment]:
+        return {name: partial(_replacement, values[name].float()) for name in self.params}
+
+
+def _replacement(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A specified parameter's trained value replaces the base weight: ΔW = value - W."""
+    return value - weight
+
+
+def _in_layers(names: list[str], layers: list[int], params: dict) -> list[str]:
+    indices = [i for i in map(layer_index, params) if i is not None]
+    if not indices:
+        raise DeltacliError("`layers` was given but this model's parameter names have no layers")
+    count = max(indices) + 1
+    wanted = set()
+    for layer in layers:
+        if not -count <= layer < count:
+            raise DeltacliError(f"layer {layer} is out of range: the model has {count} layers")
+        wanted.add(layer % count)
+    return [n for n in names if layer_index(n) in wanted]
+
+
+def _norm_modules(model: nn.Module) -> list[str]:
+    """LayerNorm, RMSNorm, T5LayerNorm ...: every normalisation module, by its class name."""
+    return [n for n, m in model.named_modules() if n and type(m).__name__.endswith("Norm")]
+
+
+@register
+class BitFit(Specify):
+    kind = "bitfit"
+    config_class = BitFitConfig
+
+    def choose(self, model: nn.Module) -> list[str]:
+        return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+
+
+@register
+class LayerNorm(Specify):
+    kind = "layernorm"
+    config_class = LayerNormConfig
+    peft_type = "LN_TUNING"
+
+    config: LayerNormConfig
+
+    def choose(self, model: nn.Module) -> list[str]:
+        norms = _norm_modules(model)
+        if self.config.targets is not None:
+            norms = select(norms, self.config.targets, what="normalisation module")
+        chosen = set(norms)
+        return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] in chosen]
+
+    def peft_key(self, name: str) -> str:
+        module, leaf = name.rsplit(".", 1)
+        return f"base_model.model.{module}.ln_tuning_layers.{leaf}"
+
+    def peft_config(self, model: nn.Module) -> dict:
+        chosen = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in self.params))
+        names = [n for n, _ in model.named_modules() if n]
+        return {"target_modules": minimal_suffixes(chosen, names)}
+
+
+@register
+class Modules(Specify):
+    kind = "modules"
+    config_class = ModulesConfig
+    config: ModulesConfig
+
+    def choose(self, model: nn.Module) -> list[str]:
+        params = [n for n, _ in model.named_parameters()]
+        modules = [n for n, _ in model.named_modules() if n]
+        chosen = set(select([*modules, *params], self.config.targets, what="parameter or module"))
+        return [n for n in params if n in chosen or any(a in chosen for a in _ancestors(n))]
+
+
+@register
+class Full(Specify):
+    kind = "full"
+    config_class = FullConfig
+
+    def choose(self, model: nn.Module) -> list[str]:
+        return [n for n, _ in model.named_parameters()]
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]

@@ -1,0 +1,138 @@
+"""What trains, and how much: parameter accounting for a model + recipe or a saved delta.
+
+Models are built on the meta device from their config alone, so any size answers at once
+without reading a weight. Results are plain dataclasses; `render` draws them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltacli.build import attach_recipe, parameter_counts
+from deltacli.deltas import DeltaSet
+from deltacli.deltas.targets import collapse_indices
+from deltacli.errors import DeltacliError
+from deltacli.models import build_on_meta
+from deltacli.peft_format import key_names
+from deltacli.recipe import Recipe, recipe_to_dict
+from deltacli.store import SavedDelta, read_delta
+
+
+@dataclasses.dataclass
+class Group:
+    """Parameters of one kind of module, e.g. `bert.encoder.layer.*.attention.self.query.lora_A`
+    in every layer."""
+
+    module: str
+    role: str
+    instances: int
+    parameters: int
+    trainable: bool
+
+
+@dataclasses.dataclass
+class ModelReport:
+    model: str
+    recipe: str | None
+    total: int
+    trainable: int
+    trainable_percent: float
+    groups: list[Group]
+
+
+@dataclasses.dataclass
+class DeltaReport:
+    folder: str
+    source: str
+    methods: list[str]
+    base_model: str
+    parameters: int
+    tensors: int
+    bytes_on_disk: int
+    groups: list[Group]
+    metrics: dict
+    recipe: dict
+
+
+def inspect_model(model_spec: str, recipe: Recipe | None) -> ModelReport:
+    """Counts for `model_spec` as is, or with `recipe`'s deltas attached, on the meta device."""
+    task = recipe.task if recipe else "sequence-classification"
+    labels = recipe.data.labels if recipe else None
+    model = build_on_meta(model_spec, task, labels)
+    roles = _roles(attach_recipe(model, recipe)) if recipe else {}
+    params = dict(model.named_parameters())
+    counts = parameter_counts(model)
+    return ModelReport(
+        model=model_spec,
+        recipe=recipe.name if recipe else None,
+        total=counts["total"],
+        trainable=counts["trainable"],
+        trainable_percent=counts["trainable_percent"],
+        groups=_groups(params, roles, trainable_only=recipe is not None),
+    )
+
+
+def inspect_delta(folder: Path) -> DeltaReport:
+    """A saved delta's methods, size and figures. Where its base model's config can be read,
+    tensors are named as in the model and labelled with the delta that owns them."""
+    saved = read_delta(folder)
+    names, roles = _model_names(saved)
+    params = {
+        names.get(key, key.removeprefix("base_model.model.")): tensor
+        for key, tensor in saved.tensors.items()
+    }
+    return DeltaReport(
+        folder=str(folder),
+        source=saved.source,
+        methods=[d.kind for d in saved.recipe.deltas] + (["head"] if saved.recipe.head else []),
+        base_model=saved.recipe.model,
+        parameters=sum(t.numel() for t in saved.tensors.values()),
+        tensors=len(saved.tensors),
+        bytes_on_disk=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+        groups=_groups(params, roles, trainable_only=False),
+        metrics=saved.metrics,
+        recipe=recipe_to_dict(saved.recipe),
+    )
+
+
+def _roles(deltas: DeltaSet) -> dict[str, str]:
+    """Parameter name -> the kind of delta that trains it (`head` for the task head)."""
+    roles: dict[str, str] = {}
+    for delta in deltas.members:
+        roles.update(dict.fromkeys(delta.params, "head" if delta is deltas.head else delta.kind))
+    return roles
+
+
+def _model_names(saved: SavedDelta) -> tuple[dict[str, str], dict[str, str]]:
+    """File key -> parameter name, and the roles, from the recipe attached on the meta device
+    (empty where the base model's config is out of reach)."""
+    recipe = saved.recipe
+    try:
+        model = build_on_meta(recipe.model, recipe.task, recipe.data.labels)
+        deltas = attach_recipe(model, recipe)
+    except DeltacliError:
+        return {}, {}
+    return {key: name for name, key in key_names(deltas).items()}, _roles(deltas)
+
+
+def _groups(
+    params: dict[str, torch.Tensor | nn.Parameter], roles: dict[str, str], trainable_only: bool
+) -> list[Group]:
+    """One row per module shape-name (layer indices collapsed), in model order."""
+    rows: dict[tuple[str, bool], Group] = {}
+    seen: dict[tuple[str, bool], set[str]] = {}
+    for name, param in params.items():
+        trainable = bool(getattr(param, "requires_grad", True))
+        if trainable_only and not trainable:
+            continue
+        module = name.rsplit(".", 1)[0]
+        key = (collapse_indices(module), trainable)
+        row = rows.setdefault(key, Group(key[0], roles.get(name, ""), 0, 0, trainable))
+        seen.setdefault(key, set()).add(module)
+        row.instances = len(seen[key])
+        row.parameters += param.numel()
+    return list(rows.values())

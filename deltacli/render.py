@@ -1,0 +1,126 @@
+"""Turning results into rich tables (people) or JSON (machines); no logic of its own."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from deltacli.inspection import DeltaReport, Group, ModelReport
+from deltacli.merge import MergeReport
+
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "Matthews corr."}
+
+
+def print_json(console: Console, data: Any) -> None:
+    if dataclasses.is_dataclass(data):
+        data = dataclasses.asdict(data)
+    console.print_json(json.dumps(data, default=str))
+
+
+def metrics_table(metrics: dict, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, name in METRIC_NAMES.items():
+        if key in metrics:
+            table.add_row(name, f"{metrics[key]:.4f}")
+    if "loss" in metrics:
+        table.add_row("loss", f"{metrics['loss']:.4f}")
+    if "examples" in metrics:
+        table.add_row("examples", f"{metrics['examples']:,}")
+    return table
+
+
+def train_summary(output: str, metrics: dict) -> Table:
+    params, train, scores = metrics["params"], metrics["train"], metrics["eval"]
+    table = Table(title=f"deltacli train · {metrics['recipe']}", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("model", str(metrics["model"]))
+    table.add_row(
+        "trainable",
+        f"{params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.3f}%)",
+    )
+    table.add_row("steps", f"{train['steps']:,} ({train['samples']:,} samples)")
+    table.add_row("train loss", f"{train['loss']:.4f}")
+    table.add_row("throughput", f"{train['samples_per_second']:.1f} samples/s")
+    table.add_row("best epoch", str(metrics["best_epoch"]))
+    for key, name in METRIC_NAMES.items():
+        table.add_row(f"eval {name}", f"{scores[key]:.4f}")
+    table.add_row("wall time", f"{metrics['wall_seconds']:.1f} s")
+    table.add_row("saved to", output)
+    return table
+
+
+def merge_summary(report: MergeReport) -> Table:
+    table = Table(title=f"deltacli merge -> {report.output}", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("")
+    for delta, weight in zip(report.deltas, report.weights, strict=True):
+        table.add_row("delta", f"{delta} (weight {weight:g})")
+    table.add_row("dtype", report.dtype)
+    table.add_row("shards", str(report.shards))
+    table.add_row("tensors", f"{report.tensors_changed:,} changed, {report.tensors_added:,} added")
+    table.add_row("written", _bytes(report.bytes_written))
+    table.add_row("time", f"{report.seconds:.1f} s")
+    if report.max_logit_difference is not None:
+        table.add_row("verified", f"max |logit difference| {report.max_logit_difference:.2e}")
+    return table
+
+
+def model_report(report: ModelReport) -> list[Table]:
+    title = f"{report.model}" + (f" + {report.recipe}" if report.recipe else "")
+    totals = Table(title=title, title_justify="left")
+    for column in ("total", "trainable", "trainable %"):
+        totals.add_column(column, justify="right")
+    totals.add_row(f"{report.total:,}", f"{report.trainable:,}", f"{report.trainable_percent:.4f}%")
+    what = "trainable parameters by module" if report.recipe else "parameters by module"
+    return [totals, groups_table(report.groups, what, report.total)]
+
+
+def delta_report(report: DeltaReport) -> list[Table]:
+    summary = Table(title=f"delta {report.folder}", title_justify="left")
+    summary.add_column("", style="bold")
+    summary.add_column("")
+    summary.add_row("format", report.source)
+    summary.add_row("methods", ", ".join(report.methods))
+    summary.add_row("base model", report.base_model)
+    summary.add_row("parameters", f"{report.parameters:,} in {report.tensors:,} tensors")
+    summary.add_row("size on disk", _bytes(report.bytes_on_disk))
+    for key, name in METRIC_NAMES.items():
+        if key in report.metrics.get("eval", {}):
+            summary.add_row(f"eval {name}", f"{report.metrics['eval'][key]:.4f}")
+    return [
+        summary,
+        groups_table(report.groups, "saved tensors by module", report.parameters, "% of delta"),
+    ]
+
+
+def groups_table(groups: list[Group], title: str, total: int, share: str = "% of total") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("module", overflow="fold")
+    table.add_column("role")
+    table.add_column("×", justify="right")
+    table.add_column("parameters", justify="right")
+    table.add_column(share, justify="right")
+    for group in groups:
+        table.add_row(
+            group.module,
+            group.role,
+            str(group.instances),
+            f"{group.parameters:,}",
+            f"{100.0 * group.parameters / total:.4f}%",
+        )
+    return table
+
+
+def _bytes(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1024
+    return str(count)

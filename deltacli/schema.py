@@ -1,0 +1,145 @@
+"""Typed dataclasses from untyped YAML: validation with messages that name the fix.
+
+Recipes and delta configs are plain dataclasses whose fields carry a default and a one-line
+help (`option`). `build` turns a parsed YAML mapping into such a dataclass, rejecting unknown
+keys (suggesting the closest) and values of the wrong type; `to_dict` is its inverse, used to
+save the resolved recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, TypeVar, Union
+
+from deltacli.errors import DeltacliError
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and the one line of help `deltacli recipes` shows."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(
+            default_factory=lambda: copy.deepcopy(default), metadata={"help": help}
+        )
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help line, for listings and error messages."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def build(cls: type[T], data: Any, path: str = "", prebuilt: dict[str, Any] | None = None) -> T:
+    """An instance of dataclass `cls` from a mapping, checking every key and type.
+
+    `path` is the dotted location of `data` in the recipe, so errors read
+    `unknown key 'train.lrr' (did you mean 'train.lr'?)`. `prebuilt` fields are passed as
+    they are: values the caller validated itself (a list of delta configs of several kinds).
+    """
+    if not isinstance(data, dict):
+        raise DeltacliError(f"{path or 'recipe'} must be a mapping, got {_type_name(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    values = dict(prebuilt or {})
+    for key, value in data.items():
+        if key in values:
+            continue
+        if key not in fields:
+            raise DeltacliError(_unknown_key(str(key), list(fields), path))
+        values[key] = coerce(value, hints[key], _join(path, key))
+    return cls(**values)
+
+
+def coerce(value: Any, hint: Any, path: str) -> Any:
+    """`value` checked against the type `hint`; numbers written as strings become numbers.
+
+    PyYAML reads `1e-4` as a string (YAML 1.1 wants `1.0e-4`), and `key=value` overrides
+    arrive as strings, so numeric fields accept any string that parses as that number.
+    """
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hints = [o for o in options if o is not type(None)]
+        exact = [h for h in hints if h in (int, float, str, bool) and type(value) is h]
+        errors = []
+        for option_hint in exact or hints:
+            try:
+                return coerce(value, option_hint, path)
+            except DeltacliError as error:
+                errors.append(error)
+        raise errors[-1]
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise DeltacliError(
+                f"{path} must be one of {', '.join(map(str, choices))}; got {value!r}"
+            )
+        return value
+    if origin is list:
+        (item_hint,) = typing.get_args(hint) or (Any,)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise DeltacliError(f"{path} must be a list, got {_type_name(value)}")
+        return [coerce(v, item_hint, f"{path}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, path)
+    return _scalar(value, hint, path)
+
+
+def _scalar(value: Any, hint: Any, path: str) -> Any:
+    if hint is Any:
+        return value
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    if hint is int and is_number and float(value).is_integer():
+        return int(value)
+    if hint is float and is_number:
+        return float(value)
+    if hint in (int, float) and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return hint(value)
+    raise DeltacliError(f"{path} must be {_hint_name(hint)}, got {value!r}")
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass (and anything inside it) as plain YAML-ready data; delta configs keep
+    their `kind` first."""
+    if dataclasses.is_dataclass(obj):
+        out = {"kind": obj.kind} if hasattr(type(obj), "kind") else {}
+        out.update({f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        return out
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _unknown_key(key: str, known: list[str], path: str) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {_join(path, close[0])!r}?)" if close else ""
+    return f"unknown key {_join(path, key)!r}{hint}; known keys: {', '.join(known)}"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _hint_name(hint: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        hint, str(hint)
+    )

@@ -1,0 +1,43 @@
+"""Two CPU processes (gloo) through `accelerate launch`: one job, trained together, saved once."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
+def test_two_processes_train_one_delta_and_save_it_once(tiny_bert, sentiment, tmp_path):
+    command = [
+        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "deltacli", "train", "--method", "lora",
+        "--model", str(tiny_bert), "--data", str(sentiment["train"]),
+        "--eval-data", str(sentiment["eval"]), "--output", "out",
+        "data.text=text", "train.epochs=2", "train.batch_size=8", "train.lr=1e-2", "train.log_every=1",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    # 128 rows in batches of 8 on each of 2 processes: 8 steps an epoch.
+    assert metrics["train"]["steps"] == 16 and metrics["train"]["samples"] == 256
+    assert metrics["eval"]["examples"] == 64  # gathered from both ranks, duplicates dropped
+    losses = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
+    assert losses[-1] < losses[0]
+    assert done.stdout.count("deltacli train · lora") == 1  # one summary, from rank 0

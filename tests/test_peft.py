@@ -1,0 +1,136 @@
+"""Interop with PEFT's own loader: our deltas load in PEFT, PEFT's adapters load in deltacli."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from peft import LNTuningConfig, LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForSequenceClassification
+
+from deltacli.build import prepare_model
+from deltacli.evaluate import score_delta
+from deltacli.inspection import inspect_model
+from deltacli.recipe import parse_recipe
+from deltacli.store import read_delta, save_delta
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, tiny_bert):
+    """Saved tiny base models of three architectures (GPT-2's LoRA is fan_in_fan_out)."""
+    folders = {"bert": tiny_bert}
+    for model_type in ("gpt2", "llama"):
+        folder = tmp_path_factory.mktemp(model_type)
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_config(tiny_config(model_type)).save_pretrained(
+            folder
+        )
+        folders[model_type] = folder
+    return folders
+
+
+def inputs():
+    torch.manual_seed(3)
+    return {"input_ids": torch.randint(5, 27, (4, 9)), "attention_mask": torch.ones(4, 9)}
+
+
+def recipe_for(base, *deltas):
+    return parse_recipe({"model": str(base), "deltas": list(deltas), "data": {"labels": [0, 1]}})
+
+
+def perturbed(recipe):
+    """Base + deltas whose every trainable tensor is random, so nothing passes by accident."""
+    model, deltas = prepare_model(recipe)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for param in deltas.parameters().values():
+            param.normal_(std=0.5)
+    return model.eval(), deltas
+
+
+def base_model(folder):
+    return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("delta", [{"kind": "lora", "r": 4, "alpha": 8}, {"kind": "layernorm"}])
+def test_our_delta_loads_in_peft_with_equal_logits(bases, tmp_path, arch, delta):
+    recipe = recipe_for(bases[arch], delta)
+    model, deltas = perturbed(recipe)
+    save_delta(tmp_path, deltas, recipe, str(bases[arch]), None)
+    peft_model = PeftModel.from_pretrained(base_model(bases[arch]), tmp_path).eval()
+    with torch.no_grad():
+        ours, theirs = model(**inputs()).logits, peft_model(**inputs()).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"]
+        ),
+        LoraConfig(task_type=TaskType.SEQ_CLS, r=2, lora_alpha=4, target_modules="all-linear"),
+        LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=4, use_rslora=True),
+        LNTuningConfig(task_type=TaskType.SEQ_CLS, target_modules=["LayerNorm"]),
+    ],
+    ids=["lora", "lora-all-linear", "rslora", "ln-tuning"],
+)
+def test_peft_adapter_loads_in_deltacli_with_equal_logits(tiny_bert, tmp_path, config):
+    peft_model = get_peft_model(base_model(tiny_bert), config)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_(std=0.5)
+    peft_model.eval().save_pretrained(tmp_path)
+    saved = read_delta(tmp_path, model=str(tiny_bert))
+    assert saved.source == "peft"
+    model, deltas = prepare_model(saved.recipe)
+    saved.load_into(deltas)
+    with torch.no_grad():
+        ours, theirs = model.eval()(**inputs()).logits, peft_model(**inputs()).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_peft_adapter_scores_the_same_in_deltacli_eval(tiny_bert, sentiment, tmp_path):
+    from transformers import AutoTokenizer
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8)
+    peft_model = get_peft_model(base_model(tiny_bert), config)
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_()
+    peft_model.eval().save_pretrained(tmp_path)
+
+    rows = [line.split(",") for line in sentiment["eval"].read_text().splitlines()[1:]]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    encoded = tokenizer([text for text, _ in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predictions = peft_model(**encoded).logits.argmax(-1)
+    labels = torch.tensor([["neg", "pos"].index(label) for _, label in rows])
+    expected = (predictions == labels).float().mean().item()
+
+    scores = score_delta(
+        tmp_path, str(sentiment["eval"]), model=str(tiny_bert), columns={"text": "text"}
+    )
+    assert scores["accuracy"] == pytest.approx(expected)
+    assert scores["examples"] == len(rows)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize(
+    ("delta", "peft_config"),
+    [
+        ({"kind": "lora", "r": 8}, lambda: LoraConfig(task_type=TaskType.SEQ_CLS, r=8)),
+        (
+            {"kind": "lora", "r": 4, "targets": ["all-linear"]},
+            lambda: LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules="all-linear"),
+        ),
+    ],
+    ids=["preset", "all-linear"],
+)
+def test_trainable_counts_equal_peft(bases, arch, delta, peft_config):
+    report = inspect_model(str(bases[arch]), recipe_for(bases[arch], delta))
+    peft_model = get_peft_model(base_model(bases[arch]), peft_config())
+    assert report.trainable == peft_model.get_nb_trainable_parameters()[0]

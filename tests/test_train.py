@@ -1,0 +1,156 @@
+"""The trainer on a tiny learnable task: it learns, saves what it learned, and writes atomically."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_recipe
+
+from deltacli.data import load_table
+from deltacli.errors import DeltacliError
+from deltacli.evaluate import score_delta
+from deltacli.store import LOG_FILE, METRICS_FILE, RECIPE_FILE
+from deltacli.trainer import train
+
+METHODS = {
+    "lora": {"kind": "lora", "r": 4, "alpha": 8},
+    "bitfit": {"kind": "bitfit"},
+    "layernorm": {"kind": "layernorm"},
+    "full": {"kind": "full"},
+}
+
+
+def logged_losses(folder):
+    lines = [json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_learns_the_tiny_task_on_its_own(tiny_bert, sentiment, tmp_path, method):
+    # The head stays frozen at its random init, so only the delta can do the learning.
+    lr = 1e-3 if method == "full" else 1e-2
+    recipe = tiny_recipe(tiny_bert, sentiment, METHODS[method], epochs=4, lr=lr)
+    recipe.head = False
+    result = train(recipe, tmp_path / "out")
+    losses = logged_losses(result.output)
+    assert losses[-1] < losses[0]
+    assert result.metrics["eval"]["loss"] < 0.5  # from ln 2 = 0.69 at a random head
+    assert result.metrics["eval"]["accuracy"] > 0.9
+
+
+def test_saved_delta_scores_exactly_what_training_measured(tiny_bert, sentiment, tmp_path):
+    recipe = tiny_recipe(tiny_bert, sentiment, METHODS["lora"], epochs=2)
+    result = train(recipe, tmp_path / "out")
+    scores = score_delta(result.output, str(sentiment["eval"]))
+    best = result.metrics["eval"]
+    assert scores["accuracy"] == best["accuracy"]
+    assert scores["loss"] == pytest.approx(best["loss"], abs=1e-6)
+
+
+def test_best_epoch_is_kept_and_logged(tiny_bert, sentiment, tmp_path):
+    recipe = tiny_recipe(tiny_bert, sentiment, METHODS["bitfit"], epochs=3)
+    metrics = train(recipe, tmp_path / "out").metrics
+    ranked = [(epoch["accuracy"], -epoch["loss"]) for epoch in metrics["history"]]
+    assert len(ranked) == 3
+    assert metrics["best_epoch"] == ranked.index(max(ranked)) + 1
+    assert metrics["eval"] == {
+        k: v
+        for k, v in metrics["history"][metrics["best_epoch"] - 1].items()
+        if k not in ("epoch", "step")
+    }
+
+
+def test_string_labels_are_mapped_and_the_mapping_saved(tiny_bert, sentiment, tmp_path):
+    result = train(tiny_recipe(tiny_bert, sentiment, METHODS["lora"], max_steps=2), tmp_path / "o")
+    saved = yaml.safe_load((result.output / RECIPE_FILE).read_text())
+    assert saved["data"]["labels"] == ["neg", "pos"]
+    assert json.loads((result.output / METRICS_FILE).read_text())["train"]["steps"] == 2
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tiny_bert, sentiment, tmp_path):
+    recipe = tiny_recipe(tiny_bert, sentiment, METHODS["lora"], epochs=1, grad_accum=3)
+    metrics = train(recipe, tmp_path / "out").metrics
+    assert metrics["train"]["steps"] == 3  # 128 rows / 16 = 8 batches -> ceil(8 / 3)
+    assert metrics["train"]["samples"] == 128
+
+
+def test_without_eval_data_a_share_of_train_is_held_out(tiny_bert, sentiment, tmp_path):
+    recipe = tiny_recipe(
+        tiny_bert, {"train": sentiment["train"], "eval": None}, METHODS["bitfit"], max_steps=1
+    )
+    recipe.data.eval = None
+    metrics = train(recipe, tmp_path / "out").metrics
+    assert metrics["eval"]["examples"] == 13  # 10% of 128 rows, rounded up
+    assert metrics["train"]["samples"] == 16
+
+
+def test_sentence_pairs_are_encoded_as_pairs(tiny_bert, tmp_path):
+    rows = "premise,hypothesis,label\n" + "".join(
+        f"the movie was {a},the film was {b},{int(a == b)}\n"
+        for a in ("good", "bad", "fine")
+        for b in ("good", "bad", "fine")
+    )
+    (tmp_path / "pairs.csv").write_text(rows)
+    data = {"train": tmp_path / "pairs.csv", "eval": tmp_path / "pairs.csv"}
+    recipe = tiny_recipe(tiny_bert, data, METHODS["lora"], max_steps=2)
+    recipe.data.text, recipe.data.text_pair = "premise", "hypothesis"
+    from deltacli.trainer import Trainer
+
+    trainer = Trainer(recipe, console=None)
+    first = trainer.data.train[0]
+    assert 1 in first["token_type_ids"] and first["input_ids"].count(3) == 2  # two [SEP]
+    assert trainer.data.labels == [0, 1]
+
+
+def test_existing_output_needs_overwrite(tiny_bert, sentiment, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    recipe = tiny_recipe(tiny_bert, sentiment, METHODS["lora"], max_steps=1)
+    with pytest.raises(DeltacliError, match="exists; pass --overwrite"):
+        train(recipe, out)
+    train(recipe, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / RECIPE_FILE).exists()
+
+
+def test_a_crash_leaves_nothing_that_looks_complete(tiny_bert, sentiment, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("deltacli.trainer.evaluate", broken)
+    recipe = tiny_recipe(tiny_bert, sentiment, METHODS["lora"], max_steps=1)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(recipe, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".json", ".jsonl", ".parquet"])
+def test_every_file_format_reads_the_same_rows(sentiment, tmp_path, suffix):
+    table = load_table(str(sentiment["train"]))
+    path = tmp_path / f"rows{suffix}"
+    if suffix == ".tsv":
+        table.to_csv(str(path), sep="\t", index=False)
+    elif suffix == ".json":
+        path.write_text(json.dumps(table.to_list()))
+    elif suffix == ".jsonl":
+        table.to_json(str(path), lines=True)
+    else:
+        table.to_parquet(str(path))
+    assert load_table(str(path)).to_list() == table.to_list()
+
+
+def test_bundled_sample_is_addressed_by_name():
+    train_rows, dev_rows = load_table("sst2:train"), load_table("sst2:validation")
+    assert len(train_rows) == 2000 and len(dev_rows) == 872
+    assert train_rows.column_names == ["sentence", "label"]
+
+
+def test_training_is_reproducible_with_a_seed(tiny_bert, sentiment, tmp_path):
+    recipe = tiny_recipe(tiny_bert, sentiment, METHODS["lora"], max_steps=3)
+    first = train(recipe, tmp_path / "a").metrics["eval"]["loss"]
+    second = train(recipe, tmp_path / "b").metrics["eval"]["loss"]
+    assert first == second
+    assert torch.equal(
+        torch.tensor(logged_losses(tmp_path / "a")), torch.tensor(logged_losses(tmp_path / "b"))
+    )
