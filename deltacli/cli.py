@@ -131,7 +131,8 @@ def evaluate(
 INSPECT_EXAMPLES = """
 [bold]Examples[/]
 
-  deltacli inspect default --method lora
+  deltacli inspect default --method lora --tree
+  deltacli inspect ./llama-70b/config.json --method lora --by layer
   deltacli inspect ./llama-70b/config.json --method lora --json
   deltacli inspect runs/lora-20261126-101500
 """
@@ -148,6 +149,10 @@ def inspect(
     overrides: Overrides = None,
     method: Method = None,
     recipe: RecipeFile = None,
+    by: Annotated[
+        str, typer.Option(help="Break the counts down by `module` type or by `layer`.")
+    ] = "module",
+    tree: Annotated[bool, typer.Option(help="Also show the module tree, layers folded.")] = False,
     json: Json = False,
 ) -> None:
     """Show what trains: totals and a per-module table, from a config alone or a saved delta.
@@ -168,8 +173,10 @@ def inspect(
             resolved = load_recipe(
                 recipe_file(method, recipe), [f"model={target}", *(overrides or [])]
             )
+        if by not in ("module", "layer"):
+            raise DeltacliError(f"--by must be module or layer, got {by!r}")
         report = inspect_model(target, resolved)
-        tables = model_report(report)
+        tables = model_report(report, by=by, tree=tree)
     if json:
         print_json(out, report)
     else:

@@ -14,7 +14,7 @@ from torch import nn
 
 from deltacli.build import attach_recipe, parameter_counts
 from deltacli.deltas import DeltaSet
-from deltacli.deltas.targets import collapse_indices
+from deltacli.deltas.targets import collapse_indices, layer_index
 from deltacli.errors import DeltacliError
 from deltacli.models import build_on_meta
 from deltacli.peft_format import key_names
@@ -35,6 +35,28 @@ class Group:
 
 
 @dataclasses.dataclass
+class Layer:
+    """Parameters of one transformer layer (`layer` None: everything outside the stack)."""
+
+    layer: int | None
+    parameters: int
+    trainable: int
+
+
+@dataclasses.dataclass
+class Node:
+    """A module in the hierarchy; `repeat` identical siblings (`layer.0-11`) are folded into
+    one node whose counts are those of a single instance."""
+
+    name: str
+    type: str
+    parameters: int
+    trainable: int
+    repeat: int = 1
+    children: list[Node] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class ModelReport:
     model: str
     recipe: str | None
@@ -42,6 +64,8 @@ class ModelReport:
     trainable: int
     trainable_percent: float
     groups: list[Group]
+    layers: list[Layer]
+    tree: Node
 
 
 @dataclasses.dataclass
@@ -73,6 +97,8 @@ def inspect_model(model_spec: str, recipe: Recipe | None) -> ModelReport:
         trainable=counts["trainable"],
         trainable_percent=counts["trainable_percent"],
         groups=_groups(params, roles, trainable_only=recipe is not None),
+        layers=_layers(params),
+        tree=_tree("", model)[0],
     )
 
 
@@ -136,3 +162,51 @@ def _groups(
         row.instances = len(seen[key])
         row.parameters += param.numel()
     return list(rows.values())
+
+
+def _layers(params: dict[str, nn.Parameter]) -> list[Layer]:
+    rows: dict[int | None, Layer] = {}
+    for name, param in params.items():
+        index = layer_index(name)
+        row = rows.setdefault(index, Layer(index, 0, 0))
+        row.parameters += param.numel()
+        row.trainable += param.numel() if param.requires_grad else 0
+    return sorted(rows.values(), key=lambda row: -1 if row.layer is None else row.layer)
+
+
+def _tree(name: str, module: nn.Module) -> tuple[Node, tuple]:
+    """The module's node and a structural signature, equal for identical modules."""
+    own = list(module.parameters(recurse=False))
+    built = [_tree(child_name, child) for child_name, child in module.named_children()]
+    children = _fold(built)
+    parameters = sum(p.numel() for p in own) + sum(c.parameters * c.repeat for c in children)
+    trainable = sum(p.numel() for p in own if p.requires_grad)
+    trainable += sum(c.trainable * c.repeat for c in children)
+    signature = (
+        type(module).__name__,
+        tuple((tuple(p.shape), p.requires_grad) for p in own),
+        tuple(sig for _, sig in built),
+    )
+    node = Node(name, type(module).__name__, parameters, trainable)
+    node.children = children
+    return node, signature
+
+
+def _fold(built: list[tuple[Node, tuple]]) -> list[Node]:
+    """Runs of numbered siblings with one signature become `first-last` with a repeat count."""
+    folded: list[Node] = []
+    run: list[tuple[Node, tuple]] = []
+    for node, signature in [*built, (None, None)]:
+        if run and (node is None or not node.name.isdigit() or signature != run[0][1]):
+            first = run[0][0]
+            if len(run) > 1:
+                first.name, first.repeat = f"{first.name}-{run[-1][0].name}", len(run)
+            folded.append(first)
+            run = []
+        if node is None:
+            break
+        if node.name.isdigit():
+            run.append((node, signature))
+        else:
+            folded.append(node)
+    return folded

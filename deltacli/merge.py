@@ -1,11 +1,11 @@
 """Folding deltas into base weights, one safetensors shard at a time.
 
-Peak memory is the largest shard plus the deltas, never the whole model: each base shard is
-read tensor by tensor (`safe_open`), every delta that changes a tensor adds its increment
-(`W + Σ wᵢ ΔWᵢ`, in fp32), and the shard is written before the next is read. The output is a
-plain Hugging Face directory for the delta's task: config, tokenizer and generation files
-copied, the shard layout kept, the index rewritten. Only deltas linear in the weights can be
-folded; the others are refused before anything is written.
+Peak memory is about one tensor plus the deltas, never the whole model: each base shard is
+read tensor by tensor, every delta that changes a tensor adds its increment (`W + w·ΔW`, in
+fp32), and the tensor is appended to its output shard before the next is read (`shards`).
+The output is a plain Hugging Face directory for the delta's task: config, tokenizer and
+generation files copied, the shard layout kept, the index rewritten. Only deltas linear in
+the weights can be folded; the others are refused before anything is written.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from deltacli.build import saved_on_meta
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
 from deltacli.models import local_dir
+from deltacli.shards import ShardReader, ShardWriter, TensorInfo
 from deltacli.store import SavedDelta, atomic_dir, check_output, read_delta, write_json
 from deltacli.verify import verify_merge
 
@@ -58,7 +57,6 @@ class _Plan:
     model: nn.Module
     increments: dict[str, list[tuple[float, Callable]]]
     shapes: dict[str, torch.Size]
-    dtypes: dict[str, torch.dtype]
     needs_base: set[str]
 
     def name_of(self, key: str) -> str:
@@ -146,8 +144,7 @@ def _plan(saved: list[SavedDelta], weights: list[float]) -> _Plan:
                 if delta.needs_base:
                     needs_base.add(name)
     shapes = {name: p.shape for name, p in params.items()}
-    dtypes = {name: p.dtype for name, p in params.items()}
-    return _Plan(model, increments, shapes, dtypes, needs_base)
+    return _Plan(model, increments, shapes, needs_base)
 
 
 def _check_base_has(plan: _Plan, names: set[str]) -> None:
@@ -179,46 +176,53 @@ def _write_shards(
     report: MergeReport,
     console: Console | None,
 ) -> dict[str, str]:
-    """Stream every shard through the plan; new tensors (a task head) join the last shard."""
-    _check_base_has(plan, {plan.name_of(key) for key in _checkpoint_keys(base_dir, shards)})
-    weight_map: dict[str, str] = {}
-    pending = dict(plan.increments)
-    total = sum((base_dir / shard).stat().st_size for shard in shards)
-    with _progress(console) as progress:
-        bar = progress.add_task("merge", total=total)
-        for i, shard in enumerate(shards):
-            out: dict[str, torch.Tensor] = {}
-            with safe_open(base_dir / shard, framework="pt") as reader:
-                for key in reader.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    tensor = reader.get_tensor(key)
-                    progress.advance(bar, tensor.numel() * tensor.element_size())
-                    name = plan.name_of(key)
-                    changes = pending.pop(name, None)
-                    if changes:
-                        _check_shape(name, tensor, plan)
-                        out[name] = _cast(_apply(tensor, changes), tensor.dtype, dtype)
-                        report.tensors_changed += 1
-                    else:
-                        out[name] = _cast(tensor, tensor.dtype, dtype)
-            if i == len(shards) - 1:
-                for name, changes in pending.items():
-                    added = _apply(torch.zeros(plan.shapes[name]), changes)
-                    out[name] = _cast(added, plan.dtypes[name], dtype)
-                    report.tensors_added += 1
-            save_file(out, scratch / shard, metadata={"format": "pt"})
-            report.bytes_written += (scratch / shard).stat().st_size
-            weight_map.update(dict.fromkeys(out, shard))
-            del out
+    """Stream every shard through the plan, tensor by tensor; tensors the base lacks (a new
+    task head) join the last shard in the base's floating dtype."""
+    readers = [ShardReader(base_dir / shard) for shard in shards]
+    try:
+        infos = {plan.name_of(k): i for r in readers for k, i in r.info.items()}
+        _check_base_has(plan, set(infos))
+        floating = next((i.dtype for i in infos.values() if i.dtype.is_floating_point), None)
+        added = {
+            name: TensorInfo(floating or torch.float32, tuple(plan.shapes[name]))
+            for name in plan.increments
+            if name not in infos
+        }
+        weight_map: dict[str, str] = {}
+        with _progress(console) as progress:
+            bar = progress.add_task("merge", total=sum(i.nbytes for i in infos.values()))
+            for shard, reader in zip(shards, readers, strict=True):
+                names = {plan.name_of(key): key for key in reader.info}
+                extra = added if reader is readers[-1] else {}
+                layout = {n: _out_info(reader.info[k], dtype) for n, k in names.items()}
+                layout |= {n: _out_info(info, dtype) for n, info in extra.items()}
+                metadata = reader.metadata or {"format": "pt"}
+                with ShardWriter(scratch / shard, layout, metadata) as writer:
+                    for name, key in names.items():
+                        tensor = reader.read(key)
+                        if name in plan.increments:
+                            _check_shape(name, tensor, plan)
+                            tensor = _apply(tensor, plan.increments[name])
+                            report.tensors_changed += 1
+                        writer.write(name, tensor.to(layout[name].dtype))
+                        progress.advance(bar, reader.info[key].nbytes)
+                    for name, info in extra.items():
+                        tensor = _apply(torch.zeros(info.shape), plan.increments[name])
+                        writer.write(name, tensor.to(layout[name].dtype))
+                        report.tensors_added += 1
+                report.bytes_written += (scratch / shard).stat().st_size
+                weight_map.update(dict.fromkeys(layout, shard))
+    finally:
+        for reader in readers:
+            reader.close()
     return weight_map
 
 
-def _checkpoint_keys(base_dir: Path, shards: list[str]) -> list[str]:
-    """Every tensor name in the checkpoint, from the shard headers alone."""
-    keys: list[str] = []
-    for shard in shards:
-        with safe_open(base_dir / shard, framework="pt") as reader:
-            keys.extend(reader.keys())
-    return keys
+def _out_info(info: TensorInfo, dtype: str) -> TensorInfo:
+    """The merged tensor's dtype: the requested one (`same`: the base's); integers keep theirs."""
+    if dtype == "same" or not info.dtype.is_floating_point:
+        return info
+    return TensorInfo(DTYPES[dtype], info.shape)
 
 
 def _apply(tensor: torch.Tensor, changes: list[tuple[float, Callable]]) -> torch.Tensor:
@@ -237,13 +241,6 @@ def _check_shape(name: str, tensor: torch.Tensor, plan: _Plan) -> None:
             f"base tensor {name} has shape {tuple(tensor.shape)} but the delta was trained for "
             f"{tuple(plan.shapes[name])}; is this the delta's base model?"
         )
-
-
-def _cast(tensor: torch.Tensor, original: torch.dtype, dtype: str) -> torch.Tensor:
-    """To the requested dtype (`same`: the base tensor's own); integers stay as they are."""
-    if not original.is_floating_point:
-        return tensor.to(original).contiguous()
-    return tensor.to(original if dtype == "same" else DTYPES[dtype]).contiguous()
 
 
 def _copy_side_files(base_dir: Path, scratch: Path) -> None:

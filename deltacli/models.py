@@ -40,6 +40,8 @@ def resolve(spec: str) -> str:
             )
         return str(Path(found.submodule_search_locations[0]) / "model")
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return str(path)  # a bare config: enough to build on the meta device
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DeltacliError(f"{spec} is not a Hugging Face model directory (no config.json)")
@@ -92,7 +94,13 @@ def load_config(spec: str, labels: list | None = None) -> transformers.Pretraine
     return config
 
 
+def _refuse_bare_config(spec: str) -> None:
+    if Path(resolve(spec)).is_file():
+        raise DeltacliError(f"{spec} is a bare config; this needs a model directory with weights")
+
+
 def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
+    _refuse_bare_config(spec)
     tokenizer = _from_hub(AutoTokenizer.from_pretrained, spec)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -101,6 +109,7 @@ def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
 
 def load_model(spec: str, task: str, labels: list | None) -> transformers.PreTrainedModel:
     """The model with its pretrained weights in fp32 (the head, if new, is initialised)."""
+    _refuse_bare_config(spec)
     config = load_config(spec, labels)
     return _from_hub(TASK_CLASSES[task].from_pretrained, spec, config=config, dtype=torch.float32)
 

@@ -7,9 +7,11 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.tree import Tree
 
-from deltacli.inspection import DeltaReport, Group, ModelReport
+from deltacli.inspection import DeltaReport, Group, Layer, ModelReport, Node
 from deltacli.merge import MergeReport
 
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "Matthews corr."}
@@ -72,14 +74,66 @@ def merge_summary(report: MergeReport) -> Table:
     return table
 
 
-def model_report(report: ModelReport) -> list[Table]:
+def model_report(report: ModelReport, by: str = "module", tree: bool = False) -> list:
+    """Totals, then the per-module (or per-layer) table, then the module tree if asked."""
     title = f"{report.model}" + (f" + {report.recipe}" if report.recipe else "")
     totals = Table(title=title, title_justify="left")
     for column in ("total", "trainable", "trainable %"):
         totals.add_column(column, justify="right")
     totals.add_row(f"{report.total:,}", f"{report.trainable:,}", f"{report.trainable_percent:.4f}%")
-    what = "trainable parameters by module" if report.recipe else "parameters by module"
-    return [totals, groups_table(report.groups, what, report.total)]
+    if by == "layer":
+        detail = layers_table(report.layers, report.total)
+    else:
+        what = "trainable parameters by module" if report.recipe else "parameters by module"
+        detail = groups_table(report.groups, what, report.total)
+    return [totals, detail, *([module_tree(report.tree)] if tree else [])]
+
+
+def layers_table(layers: list[Layer], total: int) -> Table:
+    table = Table(title="parameters by layer", title_justify="left")
+    for column in ("layer", "parameters", "trainable", "% of total"):
+        table.add_column(column, justify="right")
+    for row in layers:
+        table.add_row(
+            "outside layers" if row.layer is None else str(row.layer),
+            f"{row.parameters:,}",
+            f"{row.trainable:,}",
+            f"{100.0 * row.parameters / total:.4f}%",
+        )
+    return table
+
+
+def module_tree(root: Node) -> Tree:
+    """The module hierarchy, parameter-free modules left out, trainable parts in green; a
+    ModuleList whose layers fold into one run shows as `layer.0-11 ×12`."""
+    tree = Tree(_node_label(root.name, root))
+    _add_children(tree, root)
+    return tree
+
+
+def _add_children(branch: Tree, node: Node) -> None:
+    for child in node.children:
+        if child.parameters == 0:
+            continue
+        name, shown = child.name, child
+        if child.type == "ModuleList" and len(child.children) == 1:
+            shown = child.children[0]
+            name = f"{child.name}.{shown.name}"
+        _add_children(branch.add(_node_label(name, shown)), shown)
+
+
+def _node_label(name: str, node: Node) -> str:
+    repeat = f" ×{node.repeat}" if node.repeat > 1 else ""
+    label = f"[bold]{escape(name)}[/]{repeat} " if name else ""
+    label += f"[dim]{node.type}[/] {node.parameters:,}"
+    if node.trainable:
+        share = (
+            "all trainable"
+            if node.trainable == node.parameters
+            else f"{node.trainable:,} trainable"
+        )
+        label += f" [green]{share}[/]"
+    return label
 
 
 def delta_report(report: DeltaReport) -> list[Table]:
@@ -87,6 +141,7 @@ def delta_report(report: DeltaReport) -> list[Table]:
     summary.add_column("", style="bold")
     summary.add_column("")
     summary.add_row("format", report.source)
+    summary.add_row("recipe", str(report.recipe.get("name")))
     summary.add_row("methods", ", ".join(report.methods))
     summary.add_row("base model", report.base_model)
     summary.add_row("parameters", f"{report.parameters:,} in {report.tensors:,} tensors")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from deltacli.build import attach_recipe, prepare_model, resolved_recipe
 from deltacli.errors import VerificationError
 from deltacli.models import TASK_CLASSES
+from deltacli.shards import NAMES, ShardReader
 from deltacli.store import SavedDelta
 
 # Largest max-abs logit difference accepted, relative to the logits' own scale, by the
@@ -53,9 +53,9 @@ def _lowest_precision(folder: Path) -> str:
     """The least precise floating dtype among the merged shards' tensors."""
     found = set()
     for shard in folder.glob("*.safetensors"):
-        with safe_open(shard, framework="pt") as reader:
-            found |= {reader.get_slice(key).get_dtype() for key in reader.keys()}  # noqa: SIM118
-    for precision in ("BF16", "F16"):
-        if precision in found:
-            return precision
+        with ShardReader(shard) as reader:
+            found |= {info.dtype for info in reader.info.values()}
+    for dtype in (torch.bfloat16, torch.float16):
+        if dtype in found:
+            return NAMES[dtype]
     return "F32"

@@ -85,6 +85,7 @@ def test_inspect_model_with_method(cli, tiny_bert):
             "cannot load model 'nobody-here/no-such-model'",
         ),
         (["train"], "give --method"),
+        (["train", "--method", "lora", "--data", "nobody-here/no-such-data"], "cannot load data 'nobody-here/no-such-data'"),
         (["eval", "--delta", "no/such/delta", "--data", "sst2:validation"], "delta directory no/such/delta does not exist"),
     ],
 )  # fmt: skip

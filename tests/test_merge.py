@@ -15,6 +15,7 @@ from deltacli.deltas.specify import BitFit
 from deltacli.errors import DeltacliError, VerificationError
 from deltacli.merge import INDEX_FILE, merge
 from deltacli.recipe import parse_recipe
+from deltacli.shards import ShardWriter
 from deltacli.store import read_delta, save_delta
 
 METHODS = {
@@ -88,6 +89,20 @@ def test_peft_lora_merges_to_peft_merge_and_unload_weights(tiny_bert, tmp_path):
     assert set(ours) == set(expected)
     for name, tensor in expected.items():
         assert torch.allclose(ours[name], tensor, atol=1e-6), name
+
+
+def test_gpt2_conv1d_lora_merges_transposed(tmp_path):
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(tiny_config("gpt2")).save_pretrained(
+        tmp_path / "base"
+    )
+    live = saved_delta(
+        tmp_path / "base",
+        tmp_path / "delta",
+        [{"kind": "lora", "r": 2, "targets": ["c_attn", "c_fc"]}],
+    )
+    merge(str(tmp_path / "base"), [tmp_path / "delta"], tmp_path / "merged")
+    assert (logits(load(tmp_path / "merged")) - logits(live)).abs().max() <= 1e-5
 
 
 def test_a_bare_body_checkpoint_gains_the_head(tmp_path, tiny_bert):
@@ -169,16 +184,15 @@ def test_a_crash_mid_merge_leaves_no_output(tmp_path, monkeypatch):
     )
     saved_delta(tmp_path / "base", tmp_path / "delta", METHODS["layernorm"])
     calls = []
+    real_write = ShardWriter.write
 
-    def failing_save(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 2:
+    def failing_write(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 5:
             raise KeyboardInterrupt
-        from safetensors.torch import save_file
+        real_write(self, name, tensor)
 
-        save_file(tensors, path, metadata=metadata)
-
-    monkeypatch.setattr("deltacli.merge.save_file", failing_save)
+    monkeypatch.setattr(ShardWriter, "write", failing_write)
     with pytest.raises(KeyboardInterrupt):
         merge(str(tmp_path / "base"), [tmp_path / "delta"], tmp_path / "merged")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "delta"]

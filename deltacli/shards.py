@@ -1,0 +1,136 @@
+"""Reading and writing safetensors files one tensor at a time.
+
+The `safetensors` library reads through a memory map (pages it touched stay resident while
+the file is open) and writes from a complete dict of tensors (issue safetensors#458: about
+twice the tensors' size in RAM). `merge` must hold little more than one tensor, so this module
+does the two things the library does not: plain reads of single tensors at their offsets, and
+a writer that puts the header first (every name, dtype and shape is known before the data)
+and then appends each tensor as it comes. The files are ordinary safetensors files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from deltacli.errors import DeltacliError
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+class ShardReader:
+    """One safetensors file: its header at once, its tensors one `read` at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: BinaryIO = path.open("rb")
+        try:
+            (length,) = struct.unpack("<Q", self.file.read(8))
+            header = json.loads(self.file.read(length))
+        except (struct.error, ValueError) as error:
+            self.file.close()
+            raise DeltacliError(f"{path} is not a safetensors file ({error})") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + length
+        self.offsets = {name: entry["data_offsets"] for name, entry in header.items()}
+        self.info = {
+            name: TensorInfo(DTYPES[entry["dtype"]], tuple(entry["shape"]))
+            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        }
+
+    def read(self, name: str) -> torch.Tensor:
+        start, end = self.offsets[name]
+        buffer = bytearray(end - start)
+        self.file.seek(self.data_start + start)
+        self.file.readinto(buffer)
+        info = self.info[name]
+        if not buffer:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ShardWriter:
+    """Writes the header for `layout` (name -> dtype and shape, in file order), then takes
+    the tensors one by one in that order."""
+
+    def __init__(self, path: Path, layout: dict[str, TensorInfo], metadata: dict[str, str]) -> None:
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, info in layout.items():
+            header[name] = {
+                "dtype": NAMES[info.dtype],
+                "shape": list(info.shape),
+                "data_offsets": [offset, offset + info.nbytes],
+            }
+            offset += info.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+        self.layout = layout
+        self.pending = list(layout)
+        self.file: BinaryIO = path.open("wb")
+        self.file.write(struct.pack("<Q", len(encoded)) + encoded)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.layout[name]
+        if not self.pending or self.pending[0] != name:
+            raise ValueError(f"tensor {name} written out of order")
+        if tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
+            raise ValueError(f"tensor {name} does not match the header written for it")
+        self.pending.pop(0)
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self.file.write(memoryview(data.numpy()))
+
+    def close(self) -> None:
+        self.file.close()
+        if self.pending:
+            raise ValueError(f"{len(self.pending)} tensors were never written")
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.file.close()
