@@ -41,6 +41,20 @@ merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 merged.save_pretrained(out, max_shard_size="500MB")
 """
 
+# The fixed cost of any deltacli merge of a Llama: the interpreter and the imports.
+STARTUP = "import deltacli.merge, transformers.models.llama.modeling_llama"
+# The same merge with that cost paid before the clock starts.
+MERGE_WORK = (
+    STARTUP
+    + """
+import sys, time
+from pathlib import Path
+started = time.perf_counter()
+deltacli.merge.merge(sys.argv[1], [Path(sys.argv[2])], Path(sys.argv[3]))
+print("seconds", time.perf_counter() - started)
+"""
+)
+
 CONFIGS = {
     "7B": dict(
         hidden_size=4096,
@@ -81,13 +95,13 @@ def build_adapter(folder: Path, base: Path, layers: int, hidden: int, r: int = 1
     """A LoRA adapter on q, k, v, o in PEFT's layout, random so that every update counts."""
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for layer in range(layers):
         for projection in ("q_proj", "k_proj", "v_proj", "o_proj"):
             key = f"base_model.model.model.layers.{layer}.self_attn.{projection}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(r, hidden, generator=generator) * 0.01
             tensors[f"{key}.lora_B.weight"] = torch.randn(hidden, r, generator=generator) * 0.01
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    tensors["base_model.model.score.weight"] = torch.randn(2, hidden, generator=generator) * 0.02
     config = {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS",
@@ -95,20 +109,40 @@ def build_adapter(folder: Path, base: Path, layers: int, hidden: int, r: int = 1
         "r": r,
         "lora_alpha": 2 * r,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "modules_to_save": None,
+        "modules_to_save": ["score"],
     }
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
 def measure(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one command in its own process."""
+    """Wall seconds and peak RSS (MB) of one command in its own process.
+
+    The peak is the kernel's high-water mark (VmHWM) of the process, polled until it exits:
+    `ru_maxrss` would report the forking parent's size instead of the command's own.
+    """
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = 0.0
+    while process.poll() is None:
+        peak = max(peak, high_water_mb(process.pid))
+        time.sleep(0.02)
     wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
+    if process.returncode != 0:
         raise SystemExit(f"{command[0]} failed: {process.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    timed = process.stdout.read().decode().strip().splitlines()
+    if timed and timed[-1].startswith("seconds "):  # a run that timed its own work
+        wall = float(timed[-1].split()[1])
+    return wall, peak
+
+
+def high_water_mb(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # the process has just exited
+        return 0.0
+    line = next((line for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return int(line.split()[1]) / 1024 if line else 0.0
 
 
 def size_mb(path: Path) -> float:
@@ -141,9 +175,18 @@ def main() -> None:
 
     runs = {
         "cp -r (reference)": ["cp", "-r", str(base), str(args.workdir / "copy")],
+        "start-up only (python + imports)": [sys.executable, "-c", STARTUP],
         "deltacli merge": [
             DELTACLI,
             "merge",
+            str(base),
+            str(adapter),
+            str(args.workdir / "deltacli"),
+        ],
+        "deltacli merge, work after start-up": [
+            sys.executable,
+            "-c",
+            MERGE_WORK,
             str(base),
             str(adapter),
             str(args.workdir / "deltacli"),

@@ -9,7 +9,6 @@ from torch import nn
 from deltacli.deltas import DeltaSet, attach
 from deltacli.deltas.specify import ModulesConfig
 from deltacli.models import build_on_meta, head_modules, load_model
-from deltacli.peft_format import key_names
 from deltacli.recipe import Recipe
 from deltacli.store import SavedDelta
 
@@ -37,7 +36,7 @@ def resolved_recipe(saved: SavedDelta) -> Recipe:
     if saved.recipe.data.labels is not None or not saved.recipe.head:
         return saved.recipe
     model, deltas = prepare_model(saved.recipe, meta=True)
-    keys = key_names(deltas)
+    keys = deltas.keys()
     rows = {
         saved.tensors[keys[name]].shape[0]
         for name, param in deltas.head.params.items()

@@ -17,7 +17,6 @@ from deltacli.deltas import DeltaSet
 from deltacli.deltas.targets import collapse_indices, layer_index
 from deltacli.errors import DeltacliError
 from deltacli.models import build_on_meta
-from deltacli.peft_format import key_names
 from deltacli.recipe import Recipe, recipe_to_dict
 from deltacli.store import SavedDelta, read_delta
 
@@ -142,7 +141,7 @@ def _model_names(saved: SavedDelta) -> tuple[dict[str, str], dict[str, str]]:
         deltas = attach_recipe(model, recipe)
     except DeltacliError:
         return {}, {}
-    return {key: name for name, key in key_names(deltas).items()}, _roles(deltas)
+    return {key: name for name, key in deltas.keys().items()}, _roles(deltas)
 
 
 def _groups(

@@ -199,12 +199,16 @@ def _write_shards(
                 metadata = reader.metadata or {"format": "pt"}
                 with ShardWriter(scratch / shard, layout, metadata) as writer:
                     for name, key in names.items():
-                        tensor = reader.read(key)
                         if name in plan.increments:
+                            tensor = reader.read(key)
                             _check_shape(name, tensor, plan)
                             tensor = _apply(tensor, plan.increments[name])
+                            writer.write(name, tensor.to(layout[name].dtype))
                             report.tensors_changed += 1
-                        writer.write(name, tensor.to(layout[name].dtype))
+                        elif layout[name] == reader.info[key]:
+                            writer.copy(name, reader, key)
+                        else:
+                            writer.write(name, reader.read(key).to(layout[name].dtype))
                         progress.advance(bar, reader.info[key].nbytes)
                     for name, info in extra.items():
                         tensor = _apply(torch.zeros(info.shape), plan.increments[name])
@@ -231,7 +235,7 @@ def _apply(tensor: torch.Tensor, changes: list[tuple[float, Callable]]) -> torch
     takes the delta's value, as it does when the deltas are attached one after another."""
     merged = tensor.float()
     for weight, increment in changes:
-        merged = merged + weight * increment(merged)
+        merged.add_(increment(merged), alpha=weight)
     return merged
 
 

@@ -49,14 +49,6 @@ def peft_config(deltas: DeltaSet, task: str, base_model: str) -> dict | None:
     }
 
 
-def key_names(deltas: DeltaSet) -> dict[str, str]:
-    """Model parameter name -> key in `adapter_model.safetensors`."""
-    keys: dict[str, str] = {}
-    for delta in deltas.members:
-        keys.update({name: delta.peft_key(name) for name in delta.params})
-    return keys
-
-
 def recipe_from_peft(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The raw recipe that rebuilds a PEFT adapter's deltas (validated by the caller).
 
@@ -87,6 +79,16 @@ def recipe_from_peft(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str
         }
     elif peft_type == "LN_TUNING":
         delta = {"kind": "layernorm", "targets": targets}
+    elif peft_type == "IA3":
+        feedforward = config.get("feedforward_modules") or []
+        if isinstance(feedforward, str):
+            feedforward = [f"re:{feedforward}"]
+        delta = {"kind": "ia3", "targets": targets, "feedforward": feedforward}
+    elif peft_type == "PROMPT_TUNING":
+        delta = {"kind": "prompt", "length": config["num_virtual_tokens"]}
+    elif peft_type == "PREFIX_TUNING":
+        # PEFT saves a reparameterised prefix folded, as deltacli does.
+        delta = {"kind": "prefix", "length": config["num_virtual_tokens"]}
     else:
         raise DeltacliError(f"PEFT adapters of type {peft_type!r} are not supported yet")
     head_keys = [k for k in tensors if _in_modules(k, config.get("modules_to_save") or [])]

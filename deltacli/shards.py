@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -80,6 +81,11 @@ class ShardReader:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
 
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """Where the tensor's bytes lie in the file: (offset, length)."""
+        start, end = self.offsets[name]
+        return self.data_start + start, end - start
+
     def close(self) -> None:
         self.file.close()
 
@@ -112,14 +118,33 @@ class ShardWriter:
         self.file.write(struct.pack("<Q", len(encoded)) + encoded)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self.layout[name]
-        if not self.pending or self.pending[0] != name:
-            raise ValueError(f"tensor {name} written out of order")
-        if tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
-            raise ValueError(f"tensor {name} does not match the header written for it")
-        self.pending.pop(0)
+        self._next(name, TensorInfo(tensor.dtype, tuple(tensor.shape)))
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         self.file.write(memoryview(data.numpy()))
+
+    def copy(self, name: str, reader: ShardReader, key: str) -> None:
+        """Copy an unchanged tensor's bytes file to file, in the kernel where it can."""
+        self._next(name, reader.info[key])
+        offset, length = reader.byte_range(key)
+        self.file.flush()
+        source, target = reader.file.fileno(), self.file.fileno()
+        while length:
+            try:
+                done = os.copy_file_range(source, target, length, offset)
+            except OSError:  # another filesystem, or no copy_file_range: copy in user space
+                reader.file.seek(offset)
+                done = self.file.write(reader.file.read(min(length, 1 << 26)))
+                self.file.flush()
+            if done == 0:
+                raise ValueError(f"{reader.path} ends inside tensor {key}")
+            offset, length = offset + done, length - done
+
+    def _next(self, name: str, info: TensorInfo) -> None:
+        if not self.pending or self.pending[0] != name:
+            raise ValueError(f"tensor {name} written out of order")
+        if info != self.layout[name]:
+            raise ValueError(f"tensor {name} does not match the header written for it")
+        self.pending.pop(0)
 
     def close(self) -> None:
         self.file.close()

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
-from deltacli.peft_format import key_names, peft_config, recipe_from_peft
+from deltacli.peft_format import peft_config, recipe_from_peft
 from deltacli.recipe import Recipe, dump_recipe, parse_recipe
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -90,14 +90,18 @@ def write_json(path: Path, data: Any) -> None:
 def save_delta(
     folder: Path, deltas: DeltaSet, recipe: Recipe, base_model: str, metrics: dict | None
 ) -> None:
-    """Write the delta's tensors, PEFT config (where PEFT has the method), recipe and metrics."""
-    keys = key_names(deltas)
-    tensors = {keys[n]: t.detach().to("cpu").contiguous() for n, t in deltas.state_dict().items()}
+    """Write the delta's tensors, PEFT config (where PEFT has the method), recipe and metrics.
+
+    The recipe is saved with the configs the deltas export (a prefix trained through an MLP
+    is saved folded, as a plain prefix)."""
+    configs, tensors = deltas.export()
+    tensors = {key: t.to("cpu").contiguous() for key, t in tensors.items()}
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     config = peft_config(deltas, recipe.task, base_model)
     if config is not None:
         write_json(folder / PEFT_CONFIG_FILE, config)
-    (folder / RECIPE_FILE).write_text(dump_recipe(recipe), encoding="utf-8")
+    saved = dataclasses.replace(recipe, deltas=configs)
+    (folder / RECIPE_FILE).write_text(dump_recipe(saved), encoding="utf-8")
     if metrics is not None:
         write_json(folder / METRICS_FILE, metrics)
 
@@ -115,7 +119,7 @@ class SavedDelta:
     def values_for(self, deltas: DeltaSet) -> dict[str, torch.Tensor]:
         """The saved tensors by parameter name of `deltas` (attached from this recipe),
         refusing missing, unexpected or mis-shaped ones."""
-        keys = key_names(deltas)
+        keys = deltas.keys()
         params = deltas.parameters()
         missing = sorted(name for name, key in keys.items() if key not in self.tensors)
         unexpected = sorted(set(self.tensors) - set(keys.values()))

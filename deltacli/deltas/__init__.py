@@ -1,6 +1,6 @@
 """Delta kinds. Importing this package registers every shipped kind."""
 
-from deltacli.deltas import lora, specify
+from deltacli.deltas import adapter, ia3, lora, prefix, prompt, specify
 from deltacli.deltas.base import KINDS, Delta, DeltaConfig, DeltaSet, attach, kind_class, register
 
 __all__ = [
@@ -8,9 +8,13 @@ __all__ = [
     "Delta",
     "DeltaConfig",
     "DeltaSet",
+    "adapter",
     "attach",
+    "ia3",
     "kind_class",
     "lora",
+    "prefix",
+    "prompt",
     "register",
     "specify",
 ]

@@ -40,6 +40,7 @@ class Delta(ABC):
     peft_type: ClassVar[str | None] = None
     mergeable: ClassVar[bool] = False  # linear in the base weights, so `merge` can fold it in
     needs_base: ClassVar[bool] = True  # its increments depend on the base weight existing
+    peft_head_prefix: ClassVar[str] = "base_model.model."  # where PEFT keys the task head
 
     def __init__(self, config: DeltaConfig) -> None:
         self.config = config
@@ -52,6 +53,11 @@ class Delta(ABC):
     def detach(self) -> None:
         """Undo `attach`, leaving the model as it was (kinds that add modules override this)."""
         self.params = {}
+
+    def export(self) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+        """The config and tensors to save: by default the trained parameters as they are.
+        A kind that trains through a reparameterisation saves its folded result instead."""
+        return self.config, {name: p.detach() for name, p in self.params.items()}
 
     def delta_weights(self, values: dict[str, torch.Tensor]) -> dict[str, Increment]:
         """What merging adds to each base weight this delta changes.
@@ -120,8 +126,29 @@ class DeltaSet:
         return params
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """What a saved delta holds: the current value of every trainable parameter."""
+        """The current value of every trainable parameter (to restore the best epoch)."""
         return {name: p.detach() for name, p in self.parameters().items()}
+
+    def export(self) -> tuple[list[DeltaConfig], dict[str, torch.Tensor]]:
+        """What a saved delta holds: the deltas' configs as saved, and the tensors under
+        their keys in `adapter_model.safetensors`."""
+        configs, tensors = [], {}
+        for delta in self.members:
+            config, values = delta.export()
+            if delta is not self.head:
+                configs.append(config)
+            tensors.update({self._key(delta, name): value for name, value in values.items()})
+        return configs, tensors
+
+    def keys(self) -> dict[str, str]:
+        """Parameter name -> key in `adapter_model.safetensors` (for loading)."""
+        return {name: self._key(d, name) for d in self.members for name in d.params}
+
+    def _key(self, delta: Delta, name: str) -> str:
+        """PEFT's key where PEFT has the method; the head goes where that method keeps it."""
+        if delta is self.head and len(self.deltas) == 1:
+            return self.deltas[0].peft_head_prefix + name
+        return delta.peft_key(name)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy values in: one tensor for every trainable parameter, of its shape."""

@@ -65,7 +65,7 @@ class LoraConfig(DeltaConfig):
             raise DeltacliError(f"lora dropout must be in [0, 1), got {self.dropout}")
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
@@ -86,7 +86,7 @@ def _low_rank_increment(
     b: torch.Tensor, a: torch.Tensor, scaling: float, transposed: bool, weight: torch.Tensor
 ) -> torch.Tensor:
     """(alpha/r)·B·A, laid out like the weight (GPT-2's Conv1D stores W transposed)."""
-    increment = (b @ a) * scaling
+    increment = (b @ a).mul_(scaling)
     return increment.T if transposed else increment
 
 
@@ -97,7 +97,7 @@ def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
         return [
             name
             for name, module in modules.items()
-            if _is_linear(module) and name.split(".")[0] not in _HEADS
+            if is_linear(module) and name.split(".")[0] not in _HEADS
         ]
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -107,7 +107,7 @@ def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
                 "e.g. deltas.0.targets=[q_proj,v_proj], or use [all-linear]"
             )
         targets = PRESETS[model_type]
-    return select(modules, targets, what="linear module", keep=lambda n: _is_linear(modules[n]))
+    return select(modules, targets, what="linear module", keep=lambda n: is_linear(modules[n]))
 
 
 @register

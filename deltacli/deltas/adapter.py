@@ -1,0 +1,145 @@
+"""Bottleneck adapters in every placement of the unified view (He et al., 2022).
+
+`h <- h + s · f(x W_down) W_up` at the attention or feed-forward sublayer, where x is the
+sublayer's output (sequential: Houlsby et al., 2019; Pfeiffer et al., 2021) or its input
+(parallel: He et al.'s parallel adapter; with s = 4, the scaled parallel adapter). Placement,
+position, size and scale are recipe data; MAM is a recipe, not code. `W_up` starts at zero,
+so the model's outputs at step 0 are the base model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+
+from deltacli.deltas.base import Delta, DeltaConfig, register
+from deltacli.deltas.sublayers import sublayer
+from deltacli.deltas.targets import layer_index, modules_by_name, select
+from deltacli.errors import DeltacliError
+from deltacli.schema import option
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+@dataclasses.dataclass
+class AdapterConfig(DeltaConfig):
+    at: Literal["attention", "ffn"] = option("ffn", "the sublayer it sits at")
+    placement: Literal["sequential", "parallel"] = option(
+        "sequential", "read the sublayer's output (sequential) or its input (parallel)"
+    )
+    r: int = option(64, "bottleneck width")
+    scale: float = option(1.0, "s in h + s·Δh (He et al.'s scaled parallel adapter: 4)")
+    activation: Literal["relu", "gelu", "tanh", "silu"] = option("relu", "the bottleneck's f")
+    layers: list[int] | None = option(None, "only these layer indices; null: every layer")
+    reads: str | None = option(None, "module pattern whose input a parallel adapter reads")
+    writes: str | None = option(None, "module pattern whose output the adapter adds to")
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise DeltacliError(f"adapter r must be at least 1, got {self.r}")
+
+
+class Bottleneck(nn.Module):
+    """f(x W_down) W_up, with W_up (and its bias) zero at the start."""
+
+    def __init__(self, width: int, r: int, activation: str, like: torch.Tensor) -> None:
+        super().__init__()
+        self.down = nn.Linear(width, r, device=like.device, dtype=like.dtype)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(r, width, device=like.device, dtype=like.dtype)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x.to(self.down.weight.dtype))))
+
+
+def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A sublayer's input: its first positional argument, or `hidden_states` by keyword."""
+    if args:
+        return args[0]
+    for name in ("hidden_states", "query", "x", "input"):
+        if name in kwargs:
+            return kwargs[name]
+    raise RuntimeError("could not find the sublayer's input to read")
+
+
+@register
+class Adapter(Delta):
+    kind = "adapter"
+    config_class = AdapterConfig
+    config: AdapterConfig
+
+    def attach(self, model: nn.Module) -> None:
+        config = self.config
+        preset = sublayer(model, config.at) if not (config.reads and config.writes) else None
+        modules = modules_by_name(model)
+        writes = self._in_layers(select(modules, [config.writes or preset.writes], what="module"))
+        self._hooks, self._owners, self._inputs = [], [], {}
+        if config.placement == "parallel":
+            reads = self._in_layers(select(modules, [config.reads or preset.reads], what="module"))
+            by_layer = {layer_index(name): name for name in reads}
+            for name in writes:
+                source = by_layer.get(layer_index(name))
+                if source is None:
+                    raise DeltacliError(f"no module to read for {name} in its layer")
+                hook = partial(self._remember, name)
+                self._hooks.append(
+                    modules[source].register_forward_pre_hook(hook, with_kwargs=True)
+                )
+        for name in writes:
+            module = modules[name]
+            width = _hidden_width(module)
+            adapter = Bottleneck(width, config.r, config.activation, next(module.parameters()))
+            slot = _free_name(module, "adapter")
+            module.add_module(slot, adapter)
+            self._owners.append((module, slot))
+            self._hooks.append(module.register_forward_hook(partial(self._add, name, adapter)))
+            for param_name, param in adapter.named_parameters():
+                self.params[f"{name}.{slot}.{param_name}"] = param
+
+    def _in_layers(self, names: list[str]) -> list[str]:
+        if self.config.layers is None:
+            return names
+        count = 1 + max(layer_index(n) for n in names)
+        wanted = {layer % count for layer in self.config.layers}
+        return [n for n in names if layer_index(n) in wanted]
+
+    def _remember(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._inputs[name] = _first_input(args, kwargs)
+
+    def _add(self, name: str, adapter: Bottleneck, module: nn.Module, args: tuple, output):
+        hidden = _hidden(output)
+        source = self._inputs.pop(name) if self.config.placement == "parallel" else hidden
+        updated = hidden + self.config.scale * adapter(source).to(hidden.dtype)
+        return (updated, *output[1:]) if isinstance(output, tuple) else updated
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for module, slot in self._owners:
+            delattr(module, slot)
+        super().detach()
+
+
+def _hidden_width(module: nn.Module) -> int:
+    for attribute in ("out_features", "nf"):
+        if hasattr(module, attribute):
+            return getattr(module, attribute)
+    raise DeltacliError(f"cannot tell the output width of {type(module).__name__}")
+
+
+def _free_name(module: nn.Module, base: str) -> str:
+    name, count = base, 0
+    while hasattr(module, name):
+        count += 1
+        name = f"{base}_{count}"
+    return name

@@ -1,0 +1,179 @@
+"""Prefix tuning (Li & Liang, 2021): l trainable key/value vectors prepended in every attention
+layer, so every query can attend to them.
+
+The prefix enters through the attention computation itself, not through `past_key_values`
+(which transformers 5 is retiring, and on which PEFT's prefix tuning fails for BERT-family
+encoders): deltacli registers its own attention function and mask builder with transformers,
+which prepend each layer's prefix to the keys and values and let every query see it. The
+prefix may be reparameterised through an MLP while training (`projection`); the saved delta
+holds the MLP's output, in PEFT's `prompt_embeddings` layout (l × 2·layers·kv_width).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from deltacli.deltas.base import Delta, DeltaConfig, register
+from deltacli.deltas.sublayers import sublayer
+from deltacli.deltas.targets import modules_by_name, select
+from deltacli.errors import DeltacliError
+from deltacli.schema import option
+
+ATTENTION = "deltacli_prefix"
+# attention module -> the Prefix delta that feeds it, and its layer's position in the stack
+_FEEDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prefixed_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa attention with this layer's prefix prepended to keys and values."""
+    fed = _FEEDS.get(module)
+    if fed is not None:
+        delta, layer = fed
+        prefix_key, prefix_value = delta.layer_prefix(layer, key)
+        length = prefix_key.shape[2]
+        attention_mask = _widen_mask(attention_mask, length, query, key, module)
+        key = torch.cat([prefix_key, key], dim=2)
+        value = torch.cat([prefix_value, value], dim=2)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _widen_mask(mask, length: int, query, key, module):
+    """The mask with `length` leading key columns every query may attend to."""
+    if mask is not None:
+        attend = True if mask.dtype == torch.bool else 0.0
+        return F.pad(mask, (length, 0), value=attend)
+    queries, keys = query.shape[2], key.shape[2]
+    if not (getattr(module, "is_causal", False) and queries > 1):
+        return None  # no padding and no causality: everything attends, the prefix too
+    # sdpa's own causal flag would align the wrong corner once keys outnumber queries.
+    causal = torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(keys - queries)
+    prefix = torch.ones(queries, length, dtype=torch.bool, device=query.device)
+    return torch.cat([prefix, causal], dim=1)[None, None]
+
+
+AttentionInterface.register(ATTENTION, _prefixed_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+@dataclasses.dataclass
+class PrefixConfig(DeltaConfig):
+    length: int = option(30, "prefix vectors per layer (l)")
+    projection: int | None = option(
+        None,
+        "train the prefix through an MLP of this width (folded away when saved); null: directly",
+    )
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise DeltacliError(f"prefix length must be at least 1, got {self.length}")
+
+
+class PrefixEncoder(nn.Module):
+    """The prefix of every layer as one (l × 2·layers·kv_width) matrix, PEFT's layout."""
+
+    def __init__(self, length: int, width: int, hidden: int, projection: int | None) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(length, hidden if projection else width)
+        self.transform = (
+            nn.Sequential(nn.Linear(hidden, projection), nn.Tanh(), nn.Linear(projection, width))
+            if projection
+            else None
+        )
+
+    def forward(self) -> torch.Tensor:
+        weight = self.embedding.weight
+        return self.transform(weight) if self.transform is not None else weight
+
+
+@register
+class Prefix(Delta):
+    kind = "prefix"
+    config_class = PrefixConfig
+    peft_type = "PREFIX_TUNING"
+    peft_head_prefix = "base_model."
+    config: PrefixConfig
+
+    def attach(self, model: nn.Module) -> None:
+        config = model.config
+        pattern = sublayer(model, "attention").reads
+        modules = modules_by_name(model)
+        attention = select(modules, [pattern], what="attention module")
+        self.layers = len(attention)
+        heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        width = self.layers * 2 * self.kv_heads * self.head_dim
+        like = next(model.parameters())
+        encoder = PrefixEncoder(
+            self.config.length, width, config.hidden_size, self.config.projection
+        )
+        model.add_module("prefix_encoder", encoder.to(device=like.device, dtype=like.dtype))
+        self.encoder, self.model = encoder, model
+        self._previous = model.config._attn_implementation
+        model.set_attn_implementation(ATTENTION)
+        for layer, name in enumerate(attention):
+            _FEEDS[modules[name]] = (self, layer)
+        self._attention = [modules[name] for name in attention]
+        self._hooks = [
+            model.register_forward_pre_hook(self._refresh),
+            model.register_forward_hook(self._release),
+        ]
+        self._current: torch.Tensor | None = None
+        self.params = {f"prefix_encoder.{n}": p for n, p in encoder.named_parameters()}
+
+    def _refresh(self, model: nn.Module, args: tuple) -> None:
+        """Compute every layer's prefix once per forward pass (through the MLP, if any)."""
+        self._current = self.encoder()
+
+    def _release(self, model: nn.Module, args: tuple, output: object) -> None:
+        self._current = None  # do not keep the graph alive between passes
+
+    def layer_prefix(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values, shaped (batch, kv_heads, l, head_dim) like `like`."""
+        prefix = self._current if self._current is not None else self.encoder()
+        length = prefix.shape[0]
+        pairs = prefix.view(length, self.layers * 2, self.kv_heads, self.head_dim)
+        key, value = (
+            pairs[:, 2 * layer + i].transpose(0, 1).unsqueeze(0).expand(like.shape[0], -1, -1, -1)
+            for i in (0, 1)
+        )
+        return key.to(like.dtype), value.to(like.dtype)
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for module in self._attention:
+            _FEEDS.pop(module, None)
+        self.model.set_attn_implementation(self._previous)
+        del self.model.prefix_encoder
+        super().detach()
+
+    def export(self) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+        """The prefix as trained, MLP folded: what inference needs and PEFT loads."""
+        with torch.no_grad():
+            folded = self.encoder().detach()
+        config = dataclasses.replace(self.config, projection=None)
+        return config, {"prefix_encoder.embedding.weight": folded}
+
+    def peft_key(self, name: str) -> str:
+        return "prompt_embeddings"
+
+    def peft_config(self, model: nn.Module) -> dict:
+        width = self.kv_heads * self.head_dim
+        return {
+            "num_virtual_tokens": self.config.length,
+            "token_dim": width,
+            "num_layers": self.layers,
+            "num_attention_heads": self.kv_heads,
+            "num_transformer_submodules": 1,
+            "encoder_hidden_size": width,
+            "prefix_projection": False,
+        }
