@@ -134,4 +134,4 @@ def tiny_config(model_type: str, **extra):
             intermediate_size=64,
         ),
     }[model_type]
-    return AutoConfig.for_model(model_type, vocab_size=64, pad_token_id=0, **sizes, **extra)
+    return AutoConfig.for_model(model_type, vocab_size=64, pad_token_id=0, **{**sizes, **extra})

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import tiny_config
 from transformers import AutoModelForSequenceClassification
 
+from conftest import tiny_config
 from deltacli.deltas import attach
 from deltacli.deltas.base import Delta, register
 from deltacli.deltas.lora import Lora, LoraConfig, resolve_targets

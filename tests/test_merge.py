@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_BERT, tiny_config
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
+from conftest import TINY_BERT, tiny_config
 from deltacli.build import prepare_model
-from deltacli.deltas import KINDS
 from deltacli.deltas.specify import BitFit
 from deltacli.errors import DeltacliError, VerificationError
 from deltacli.merge import INDEX_FILE, merge
@@ -24,7 +23,9 @@ METHODS = {
     "layernorm": [{"kind": "layernorm"}],
     "modules": [{"kind": "modules", "targets": ["intermediate.dense"], "layers": [1]}],
     "full": [{"kind": "full"}],
+    "ia3": [{"kind": "ia3"}],
     "lora+bitfit": [{"kind": "lora", "r": 2}, {"kind": "bitfit"}],
+    "ia3+lora": [{"kind": "ia3"}, {"kind": "lora", "r": 2, "targets": ["key", "query"]}],
 }
 
 
@@ -198,11 +199,20 @@ def test_a_crash_mid_merge_leaves_no_output(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "delta"]
 
 
-def test_deltas_that_are_not_linear_are_refused_before_writing(tiny_bert, tmp_path, monkeypatch):
-    saved_delta(tiny_bert, tmp_path / "delta", METHODS["lora"])
-    monkeypatch.setattr(KINDS["lora"], "mergeable", False)
-    with pytest.raises(DeltacliError, match="holds a lora delta, which is not linear"):
-        merge(str(tiny_bert), [tmp_path / "delta"], tmp_path / "merged")
+@pytest.mark.parametrize(
+    "deltas",
+    [
+        [{"kind": "adapter", "r": 4}],
+        [{"kind": "prefix", "length": 2}],
+        [{"kind": "prompt", "length": 2}],
+    ],
+    ids=["adapter", "prefix", "prompt"],
+)
+def test_deltas_that_are_not_linear_are_refused_before_writing(cli, tiny_bert, tmp_path, deltas):
+    saved_delta(tiny_bert, tmp_path / "delta", deltas)
+    code, _, err = cli("merge", tiny_bert, tmp_path / "delta", tmp_path / "merged")
+    assert code == 2
+    assert f"holds a {deltas[0]['kind']} delta, which is not linear in the base weights" in err
     assert not (tmp_path / "merged").exists()
 
 

@@ -2,11 +2,23 @@
 
 import pytest
 import torch
-from conftest import tiny_config
-from peft import LNTuningConfig, LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification
+from peft import (
+    IA3Config,
+    LNTuningConfig,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from conftest import tiny_config
 from deltacli.build import prepare_model
+from deltacli.deltas import attach
+from deltacli.deltas.prefix import PrefixConfig
 from deltacli.evaluate import score_delta
 from deltacli.inspection import inspect_model
 from deltacli.recipe import parse_recipe
@@ -50,8 +62,25 @@ def base_model(folder):
     return AutoModelForSequenceClassification.from_pretrained(folder).eval()
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
-@pytest.mark.parametrize("delta", [{"kind": "lora", "r": 4, "alpha": 8}, {"kind": "layernorm"}])
+SHARED = {
+    "lora": {"kind": "lora", "r": 4, "alpha": 8},
+    "layernorm": {"kind": "layernorm"},
+    "ia3": {"kind": "ia3"},
+    "prompt": {"kind": "prompt", "length": 3},
+    "prefix": {"kind": "prefix", "length": 3},
+    "prefix-mlp": {"kind": "prefix", "length": 3, "projection": 16},
+}
+
+
+def _pairs():
+    for method in SHARED:
+        # PEFT's own prefix tuning fails under transformers 5 on these classifiers (it needs
+        # past_key_values); test_prefix_layout_is_peft_s checks prefix on a causal LM instead.
+        for arch in ("bert", "gpt2", "llama") if not method.startswith("prefix") else ():
+            yield pytest.param(arch, SHARED[method], id=f"{method}-{arch}")
+
+
+@pytest.mark.parametrize(("arch", "delta"), list(_pairs()))
 def test_our_delta_loads_in_peft_with_equal_logits(bases, tmp_path, arch, delta):
     recipe = recipe_for(bases[arch], delta)
     model, deltas = perturbed(recipe)
@@ -63,32 +92,84 @@ def test_our_delta_loads_in_peft_with_equal_logits(bases, tmp_path, arch, delta)
 
 
 @pytest.mark.parametrize(
-    "config",
+    ("arch", "config"),
     [
-        LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"]
+        (
+            "bert",
+            LoraConfig(
+                task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"]
+            ),
         ),
-        LoraConfig(task_type=TaskType.SEQ_CLS, r=2, lora_alpha=4, target_modules="all-linear"),
-        LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=4, use_rslora=True),
-        LNTuningConfig(task_type=TaskType.SEQ_CLS, target_modules=["LayerNorm"]),
+        (
+            "bert",
+            LoraConfig(task_type=TaskType.SEQ_CLS, r=2, lora_alpha=4, target_modules="all-linear"),
+        ),
+        ("bert", LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=4, use_rslora=True)),
+        ("bert", LNTuningConfig(task_type=TaskType.SEQ_CLS, target_modules=["LayerNorm"])),
+        ("bert", IA3Config(task_type=TaskType.SEQ_CLS)),
+        ("gpt2", IA3Config(task_type=TaskType.SEQ_CLS)),
+        ("bert", PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4)),
+        ("llama", PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4)),
     ],
-    ids=["lora", "lora-all-linear", "rslora", "ln-tuning"],
+    ids=[
+        "lora",
+        "lora-all-linear",
+        "rslora",
+        "ln-tuning",
+        "ia3",
+        "ia3-gpt2",
+        "prompt",
+        "prompt-llama",
+    ],
 )
-def test_peft_adapter_loads_in_deltacli_with_equal_logits(tiny_bert, tmp_path, config):
-    peft_model = get_peft_model(base_model(tiny_bert), config)
+def test_peft_adapter_loads_in_deltacli_with_equal_logits(bases, tmp_path, arch, config):
+    peft_model = get_peft_model(base_model(bases[arch]), config)
     torch.manual_seed(5)
     with torch.no_grad():
         for param in peft_model.parameters():
             if param.requires_grad:
                 param.normal_(std=0.5)
     peft_model.eval().save_pretrained(tmp_path)
-    saved = read_delta(tmp_path, model=str(tiny_bert))
+    saved = read_delta(tmp_path, model=str(bases[arch]))
     assert saved.source == "peft"
     model, deltas = prepare_model(saved.recipe)
     saved.load_into(deltas)
     with torch.no_grad():
         ours, theirs = model.eval()(**inputs()).logits, peft_model(**inputs()).logits
     assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_layout_is_peft_s(tmp_path, projection):
+    """PEFT's prefix tuning still runs on Llama causal LMs: the same `prompt_embeddings` give
+    the same logits through deltacli's attention-level prefix (positions included)."""
+    torch.manual_seed(0)
+    config = tiny_config("llama", num_key_value_heads=1)  # grouped-query attention
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_config(config),
+        PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, prefix_projection=projection
+        ),
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_(std=0.5)
+    peft_model.eval().save_pretrained(tmp_path)
+    folded = load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"]
+    ours = AutoModelForCausalLM.from_config(config).eval()
+    ours.load_state_dict(peft_model.get_base_model().state_dict())
+    deltas = attach(ours, [PrefixConfig(length=4)], None)
+    deltas.load_state_dict({"prefix_encoder.embedding.weight": folded})
+    ids = torch.randint(5, 60, (2, 7))
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_config(config).eval(), tmp_path
+        )
+        expected.get_base_model().load_state_dict(peft_model.get_base_model().state_dict())
+        theirs = expected(input_ids=ids).logits
+        assert (ours(input_ids=ids).logits - theirs).abs().max() <= 1e-5
 
 
 def test_peft_adapter_scores_the_same_in_deltacli_eval(tiny_bert, sentiment, tmp_path):
@@ -127,8 +208,17 @@ def test_peft_adapter_scores_the_same_in_deltacli_eval(tiny_bert, sentiment, tmp
             {"kind": "lora", "r": 4, "targets": ["all-linear"]},
             lambda: LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules="all-linear"),
         ),
+        ({"kind": "ia3"}, lambda: IA3Config(task_type=TaskType.SEQ_CLS)),
+        (
+            {"kind": "prompt", "length": 5},
+            lambda: PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=5),
+        ),
+        (
+            {"kind": "prefix", "length": 5},
+            lambda: PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=5),
+        ),
     ],
-    ids=["preset", "all-linear"],
+    ids=["lora", "lora-all-linear", "ia3", "prompt", "prefix"],
 )
 def test_trainable_counts_equal_peft(bases, arch, delta, peft_config):
     report = inspect_model(str(bases[arch]), recipe_for(bases[arch], delta))

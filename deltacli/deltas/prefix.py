@@ -12,6 +12,7 @@ holds the MLP's output, in PEFT's `prompt_embeddings` layout (l × 2·layers·kv
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import weakref
 
 import torch
@@ -122,16 +123,25 @@ class Prefix(Delta):
         for layer, name in enumerate(attention):
             _FEEDS[modules[name]] = (self, layer)
         self._attention = [modules[name] for name in attention]
+        self._shifts_positions = "position_ids" in inspect.signature(model.forward).parameters
         self._hooks = [
-            model.register_forward_pre_hook(self._refresh),
+            model.register_forward_pre_hook(self._refresh, with_kwargs=True),
             model.register_forward_hook(self._release),
         ]
         self._current: torch.Tensor | None = None
         self.params = {f"prefix_encoder.{n}": p for n, p in encoder.named_parameters()}
 
-    def _refresh(self, model: nn.Module, args: tuple) -> None:
-        """Compute every layer's prefix once per forward pass (through the MLP, if any)."""
+    def _refresh(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Compute every layer's prefix once per forward pass (through the MLP, if any), and
+        number the real tokens after the prefix, as the prefix's original form (a cache of
+        l earlier tokens) does: positions l, l+1, ... instead of 0, 1, ..."""
         self._current = self.encoder()
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if self._shifts_positions and kwargs.get("position_ids") is None and ids is not None:
+            length = self.config.length
+            positions = torch.arange(length, length + ids.shape[1], device=ids.device)
+            kwargs["position_ids"] = positions.unsqueeze(0).expand(ids.shape[0], -1)
+        return args, kwargs
 
     def _release(self, model: nn.Module, args: tuple, output: object) -> None:
         self._current = None  # do not keep the graph alive between passes

@@ -3,6 +3,11 @@
 A forward pre-hook on the model turns `input_ids` into embeddings, prepends the prompt, and
 widens the attention mask and token types to match, exactly as PEFT does, so a saved prompt is
 a PEFT adapter (`prompt_embeddings`, n × hidden).
+
+Causal models read their answer at the last position and cannot find padding once they get
+embeddings instead of ids; for them the padding is moved in front of the prompt and positions
+are counted over real tokens only, so a padded batch gives each example's own result (PEFT
+reads a pad there).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class Prompt(Delta):
                 holder.embedding.weight.copy_(vocabulary.weight[rows])
         model.add_module("prompt_encoder", holder)
         self.model, self.holder = model, holder
+        self.causal = any(getattr(m, "is_causal", False) for m in model.modules())
         self._hook = model.register_forward_pre_hook(self._prepend, with_kwargs=True)
         self.params = {"prompt_encoder.embedding.weight": holder.embedding.weight}
 
@@ -71,8 +77,9 @@ class Prompt(Delta):
                 value = kwargs[name]
                 lead = torch.full((batch, length), fill, dtype=value.dtype, device=value.device)
                 kwargs[name] = torch.cat([lead, value], dim=1)
+        if self.causal and kwargs.get("attention_mask") is not None:
+            kwargs = _padding_first(kwargs)
         return (), kwargs
-
     def detach(self) -> None:
         self._hook.remove()
         del self.model.prompt_encoder
@@ -91,3 +98,17 @@ class Prompt(Delta):
             "num_transformer_submodules": 1,
             "prompt_tuning_init": "RANDOM",
         }
+
+
+def _padding_first(kwargs: dict) -> dict:
+    """Move padding to the front (stable, so prompt then tokens keep their order) and number
+    positions over the real tokens only."""
+    mask = kwargs["attention_mask"]
+    order = torch.argsort(mask, dim=1, stable=True)
+    for name in ("inputs_embeds", "attention_mask", "token_type_ids"):
+        if kwargs.get(name) is not None:
+            value = kwargs[name]
+            index = order if value.ndim == 2 else order.unsqueeze(-1).expand_as(value)
+            kwargs[name] = value.gather(1, index)
+    kwargs["position_ids"] = (kwargs["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
+    return kwargs
