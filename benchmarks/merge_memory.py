@@ -28,6 +28,8 @@ from rich.table import Table
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+from measure import measured
+
 console = Console()
 DELTACLI = str(Path(sys.executable).parent / "deltacli")
 
@@ -115,36 +117,6 @@ def build_adapter(folder: Path, base: Path, layers: int, hidden: int, r: int = 1
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
-def measure(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one command in its own process.
-
-    The peak is the kernel's high-water mark (VmHWM) of the process, polled until it exits:
-    `ru_maxrss` would report the forking parent's size instead of the command's own.
-    """
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = 0.0
-    while process.poll() is None:
-        peak = max(peak, high_water_mb(process.pid))
-        time.sleep(0.02)
-    wall = time.perf_counter() - started
-    if process.returncode != 0:
-        raise SystemExit(f"{command[0]} failed: {process.stderr.read().decode()[-2000:]}")
-    timed = process.stdout.read().decode().strip().splitlines()
-    if timed and timed[-1].startswith("seconds "):  # a run that timed its own work
-        wall = float(timed[-1].split()[1])
-    return wall, peak
-
-
-def high_water_mb(pid: int) -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:  # the process has just exited
-        return 0.0
-    line = next((line for line in status.splitlines() if line.startswith("VmHWM:")), None)
-    return int(line.split()[1]) / 1024 if line else 0.0
-
-
 def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
@@ -204,7 +176,7 @@ def main() -> None:
     for name, command in runs.items():
         for out in ("copy", "deltacli", "peft"):
             shutil.rmtree(args.workdir / out, ignore_errors=True)
-        results[name] = measure(command)
+        results[name] = measured(command)[:2]
         console.print(name, results[name])
     copy_wall = results["cp -r (reference)"][0]
     table = Table(

@@ -79,6 +79,7 @@ class DeltaReport:
     groups: list[Group]
     metrics: dict
     recipe: dict
+    densities: dict[str, float]
 
 
 def inspect_model(model_spec: str, recipe: Recipe | None) -> ModelReport:
@@ -105,7 +106,7 @@ def inspect_delta(folder: Path) -> DeltaReport:
     """A saved delta's methods, size and figures. Where its base model's config can be read,
     tensors are named as in the model and labelled with the delta that owns them."""
     saved = read_delta(folder)
-    names, roles = _model_names(saved)
+    names, roles, densities = _model_names(saved)
     params = {
         names.get(key, key.removeprefix("base_model.model.")): tensor
         for key, tensor in saved.tensors.items()
@@ -121,6 +122,7 @@ def inspect_delta(folder: Path) -> DeltaReport:
         groups=_groups(params, roles, trainable_only=False),
         metrics=saved.metrics,
         recipe=recipe_to_dict(saved.recipe),
+        densities=densities,
     )
 
 
@@ -132,16 +134,17 @@ def _roles(deltas: DeltaSet) -> dict[str, str]:
     return roles
 
 
-def _model_names(saved: SavedDelta) -> tuple[dict[str, str], dict[str, str]]:
-    """File key -> parameter name, and the roles, from the recipe attached on the meta device
-    (empty where the base model's config is out of reach)."""
+def _model_names(saved: SavedDelta) -> tuple[dict[str, str], dict[str, str], dict[str, float]]:
+    """File key -> tensor name, the roles, and sparse deltas' density per matrix, from the
+    recipe attached on the meta device (empty where the base model's config is out of reach)."""
     recipe = saved.recipe
     try:
         model = build_on_meta(recipe.model, recipe.task, recipe.data.labels)
         deltas = attach_recipe(model, recipe)
     except DeltacliError:
-        return {}, {}
-    return {key: name for name, key in deltas.keys().items()}, _roles(deltas)
+        return {}, {}, {}
+    keys = {key: name for name, key in deltas.keys().items()}
+    return keys, _roles(deltas), deltas.densities()
 
 
 def _groups(

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from deltacli.deltas.targets import collapse_indices
 from deltacli.inspection import DeltaReport, Group, Layer, ModelReport, Node
 from deltacli.merge import MergeReport
 
@@ -149,10 +150,29 @@ def delta_report(report: DeltaReport) -> list[Table]:
     for key, name in METRIC_NAMES.items():
         if key in report.metrics.get("eval", {}):
             summary.add_row(f"eval {name}", f"{report.metrics['eval'][key]:.4f}")
-    return [
+    tables = [
         summary,
         groups_table(report.groups, "saved tensors by module", report.parameters, "% of delta"),
     ]
+    if report.densities:
+        tables.append(density_table(report.densities))
+    return tables
+
+
+def density_table(densities: dict[str, float]) -> Table:
+    """Sparse deltas: the share of each kind of matrix that changed (layers folded)."""
+    folded: dict[str, list[float]] = {}
+    for name, share in densities.items():
+        folded.setdefault(collapse_indices(name), []).append(share)
+    table = Table(title="sparse increments: density per matrix", title_justify="left")
+    table.add_column("matrix", overflow="fold")
+    table.add_column("×", justify="right")
+    table.add_column("density", justify="right")
+    for name, shares in folded.items():
+        low, high = min(shares), max(shares)
+        shown = f"{100 * low:.3f}%" if high - low < 1e-9 else f"{100 * low:.3f}–{100 * high:.3f}%"
+        table.add_row(name, str(len(shares)), shown)
+    return table
 
 
 def groups_table(groups: list[Group], title: str, total: int, share: str = "% of total") -> Table:

@@ -117,10 +117,10 @@ class SavedDelta:
     source: str  # "deltacli" or "peft"
 
     def values_for(self, deltas: DeltaSet) -> dict[str, torch.Tensor]:
-        """The saved tensors by parameter name of `deltas` (attached from this recipe),
-        refusing missing, unexpected or mis-shaped ones."""
+        """The saved tensors by name for `deltas` (attached from this recipe), refusing
+        missing, unexpected or mis-shaped ones."""
         keys = deltas.keys()
-        params = deltas.parameters()
+        shapes = {key: t.shape for key, t in deltas.export()[1].items()}
         missing = sorted(name for name, key in keys.items() if key not in self.tensors)
         unexpected = sorted(set(self.tensors) - set(keys.values()))
         if missing or unexpected:
@@ -129,18 +129,17 @@ class SavedDelta:
                 f"{self.folder} does not fit this model ({detail}); was it trained on "
                 "another base model?"
             )
-        for name, key in keys.items():
-            if self.tensors[key].shape != params[name].shape:
+        for key, shape in shapes.items():
+            if self.tensors[key].shape != shape:
                 raise DeltacliError(
                     f"{self.folder}: tensor {key} has shape {tuple(self.tensors[key].shape)} "
-                    f"but the model expects {tuple(params[name].shape)}; was it trained on "
-                    "another base model?"
+                    f"but the model expects {tuple(shape)}; was it trained on another base model?"
                 )
         return {name: self.tensors[key] for name, key in keys.items()}
 
     def load_into(self, deltas: DeltaSet) -> None:
-        """Copy the saved tensors into `deltas`, attached from this very recipe."""
-        deltas.load_state_dict(self.values_for(deltas))
+        """Put the saved tensors into `deltas`, attached from this very recipe."""
+        deltas.load(self.values_for(deltas))
 
 
 def is_delta_dir(folder: Path) -> bool:

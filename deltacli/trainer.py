@@ -110,6 +110,9 @@ class Trainer:
         self.model, self.optimizer, self.train_batches, self.eval_batches = (
             self.accelerator.prepare(self.model, optimizer, train_batches, eval_batches)
         )
+        # Deltas that look at data first (SIFT picks its entries) do so on the plain module.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.deltas.calibrate(unwrapped, self.train_batches, self.accelerator)
         self.steps_per_epoch = math.ceil(len(self.train_batches) / config.grad_accum)
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
         self.scheduler = get_linear_schedule_with_warmup(

@@ -135,3 +135,16 @@ def tiny_config(model_type: str, **extra):
         ),
     }[model_type]
     return AutoConfig.for_model(model_type, vocab_size=64, pad_token_id=0, **{**sizes, **extra})
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tmp_path_factory, tiny_bert) -> Path:
+    """The tiny BERT with dropout off: runs that split batches differently compare exactly."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(folder)
+    BertTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
+    return folder

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -58,6 +58,25 @@ class Delta(ABC):
         """The config and tensors to save: by default the trained parameters as they are.
         A kind that trains through a reparameterisation saves its folded result instead."""
         return self.config, {name: p.detach() for name, p in self.params.items()}
+
+    def saved_names(self) -> list[str]:
+        """Names of the tensors `export` saves (and `load` takes back)."""
+        return list(self.params)
+
+    def load(self, values: dict[str, torch.Tensor]) -> None:
+        """Take saved tensors back (by the names `saved_names` gives)."""
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(values[name].to(param.dtype))
+
+    def calibrate(  # noqa: B027 (an optional hook: most kinds need no data)
+        self, model: nn.Module, batches: Iterable[dict], accelerator: Any
+    ) -> None:
+        """Look at data before training starts (SIFT chooses its indices); most kinds need not."""
+
+    def densities(self) -> dict[str, float]:
+        """Share of each changed matrix that the delta touches, for sparse kinds."""
+        return {}
 
     def delta_weights(self, values: dict[str, torch.Tensor]) -> dict[str, Increment]:
         """What merging adds to each base weight this delta changes.
@@ -141,8 +160,20 @@ class DeltaSet:
         return configs, tensors
 
     def keys(self) -> dict[str, str]:
-        """Parameter name -> key in `adapter_model.safetensors` (for loading)."""
-        return {name: self._key(d, name) for d in self.members for name in d.params}
+        """Saved tensor name -> key in `adapter_model.safetensors` (for loading)."""
+        return {name: self._key(d, name) for d in self.members for name in d.saved_names()}
+
+    def load(self, values: dict[str, torch.Tensor]) -> None:
+        """Take a saved delta's tensors (by name) back into every member."""
+        for delta in self.members:
+            delta.load({name: values[name] for name in delta.saved_names()})
+
+    def calibrate(self, model: nn.Module, batches: Iterable[dict], accelerator: Any) -> None:
+        for delta in self.members:
+            delta.calibrate(model, batches, accelerator)
+
+    def densities(self) -> dict[str, float]:
+        return {name: share for delta in self.members for name, share in delta.densities().items()}
 
     def _key(self, delta: Delta, name: str) -> str:
         """PEFT's key where PEFT has the method; the head goes where that method keeps it."""

@@ -90,15 +90,16 @@ def _low_rank_increment(
     return increment.T if transposed else increment
 
 
+def resolve_all_linear(modules: dict[str, nn.Module]) -> list[str]:
+    """Every linear layer of the body: what `targets: [all-linear]` means."""
+    return [n for n, m in modules.items() if is_linear(m) and n.split(".")[0] not in _HEADS]
+
+
 def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
     """The module names LoRA attaches to, from explicit patterns or the architecture's preset."""
     modules = modules_by_name(model)
     if targets == ["all-linear"]:
-        return [
-            name
-            for name, module in modules.items()
-            if is_linear(module) and name.split(".")[0] not in _HEADS
-        ]
+        return resolve_all_linear(modules)
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in PRESETS:

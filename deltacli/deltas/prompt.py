@@ -80,6 +80,7 @@ class Prompt(Delta):
         if self.causal and kwargs.get("attention_mask") is not None:
             kwargs = _padding_first(kwargs)
         return (), kwargs
+
     def detach(self) -> None:
         self._hook.remove()
         del self.model.prompt_encoder

@@ -1,0 +1,41 @@
+"""Running a command in its own process and measuring its wall time and peak memory."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+
+def measured(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MB) and stdout of `command`.
+
+    The peak is the kernel's high-water mark (VmHWM) of the process, polled until it exits:
+    `ru_maxrss` would report the forking parent's size instead of the command's own. A
+    command that prints `seconds N` last reports its own work time as the wall time.
+    """
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    peak = 0.0
+    while process.poll() is None:
+        peak = max(peak, _high_water_mb(process.pid))
+        time.sleep(0.02)
+    wall = time.perf_counter() - started
+    stdout, stderr = process.communicate()
+    if process.returncode != 0:
+        raise SystemExit(f"{command[0]} failed: {stderr[-2000:]}")
+    lines = stdout.strip().splitlines()
+    if lines and lines[-1].startswith("seconds "):
+        wall = float(lines[-1].split()[1])
+    return wall, peak, stdout
+
+
+def _high_water_mb(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # the process has just exited
+        return 0.0
+    line = next((line for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return int(line.split()[1]) / 1024 if line else 0.0

@@ -1,0 +1,292 @@
+"""SIFT (Song et al., ICML 2024, "Sparse is Enough in Fine-tuning Pre-trained Large Language
+Models"): train a small, gradient-chosen set of weight entries and nothing else.
+
+Each targeted matrix W keeps its dense values frozen; the trainable state is a k-vector of
+increments at fixed flat indices, so AdamW's state is O(k). W never receives a gradient:
+an autograd tap after the layer turns the output gradient into the gradient of the k chosen
+entries (one dense dW is formed transiently in the backward and dropped at once), and before
+each forward the current increments are written into W at their indices, so the update of
+step t is in the forward of step t+1 (the reference implementation lags one step).
+
+Indices are chosen before training by `calibrate`: the k = ceil(density × size) entries with
+the largest |gradient| accumulated over the first batches (summed over processes, so every
+rank picks the same), or by magnitude, or at random; or read from a saved mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from deltacli.deltas.base import Delta, DeltaConfig, Increment, register
+from deltacli.deltas.lora import is_linear, resolve_all_linear
+from deltacli.deltas.targets import modules_by_name, select
+from deltacli.errors import DeltacliError
+from deltacli.schema import option
+
+# SIFT's GLUE setting: the attention projections q, k, v, o.
+PRESETS: dict[str, list[str]] = {
+    "bert": ["query", "key", "value", "attention.output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin"],
+    "gpt2": ["c_attn", "attn.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+MASK_FILE = "masks.safetensors"
+
+
+@dataclasses.dataclass
+class SiftConfig(DeltaConfig):
+    density: float = option(
+        0.008, "share of each targeted matrix that trains (paper: 0.008 on GLUE)"
+    )
+    targets: list[str] | None = option(
+        None, "module patterns; null: the attention projections; [all-linear]: every linear"
+    )
+    select: Literal["gradient", "magnitude", "random"] = option(
+        "gradient", "how the trained entries are chosen"
+    )
+    select_batches: int = option(1, "batches whose accumulated |gradient| chooses (no update)")
+    mask: str | None = option(
+        None, "reuse the indices saved by `deltacli sparsify --from-gradients` (a directory)"
+    )
+    counts: list[int] | None = option(
+        None,
+        "entries kept per target, in order (written by sparsify --by global); null: from density",
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise DeltacliError(f"sift density must be in (0, 1], got {self.density}")
+        if self.select_batches < 1:
+            raise DeltacliError("sift select_batches must be at least 1")
+
+
+class _GradientTap(torch.autograd.Function):
+    """Identity on the layer's output whose backward yields the gradient of the chosen
+    entries of W: gather(dL/dW) computed from the output gradient and the layer's input."""
+
+    @staticmethod
+    def forward(ctx, output, x, values, indices, transposed):
+        ctx.save_for_backward(x, indices)
+        ctx.transposed = transposed
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, indices = ctx.saved_tensors
+        g = grad_output.reshape(-1, grad_output.shape[-1])
+        inputs = x.reshape(-1, x.shape[-1]).to(g.dtype)
+        dense = inputs.T @ g if ctx.transposed else g.T @ inputs
+        return grad_output, None, dense.reshape(-1)[indices].float(), None, None
+
+
+@dataclasses.dataclass
+class _Site:
+    """One targeted matrix: its module, and the state of its sparse increment."""
+
+    module: nn.Module
+    count: int
+    ready: bool = False
+    synced: int = -1
+
+
+@register
+class Sift(Delta):
+    kind = "sift"
+    config_class = SiftConfig
+    mergeable = True
+    config: SiftConfig
+
+    def attach(self, model: nn.Module) -> None:
+        modules = modules_by_name(model)
+        self.targets = _targets(model, self.config.targets, modules)
+        mask = _read_mask(Path(self.config.mask), self.targets) if self.config.mask else None
+        if mask is not None:
+            counts = [len(mask[f"{name}.sift_indices"]) for name in self.targets]
+        else:
+            counts = self.config.counts or [
+                math.ceil(self.config.density * modules[name].weight.numel())
+                for name in self.targets
+            ]
+        if len(counts) != len(self.targets):
+            raise DeltacliError(
+                f"sift counts lists {len(counts)} entries for {len(self.targets)} targets"
+            )
+        self.sites: dict[str, _Site] = {}
+        self._hooks = []
+        for name, count in zip(self.targets, counts, strict=True):
+            module = modules[name]
+            weight = module.weight
+            module.sift_values = nn.Parameter(torch.zeros(count, device=weight.device))
+            module.register_buffer(
+                "sift_indices", torch.zeros(count, dtype=torch.long, device=weight.device)
+            )
+            module.register_buffer("sift_base", torch.zeros(count, device=weight.device))
+            self.sites[name] = _Site(module, count)
+            self._hooks.append(module.register_forward_pre_hook(partial(self._sync, name)))
+            self._hooks.append(module.register_forward_hook(partial(self._tap, name)))
+            self.params[f"{name}.sift_values"] = module.sift_values
+        if mask is not None and weight.device.type != "meta":
+            self.load(mask)
+
+    def _sync(self, name: str, module: nn.Module, args: tuple) -> None:
+        """Write base + increment into W at the chosen indices when the increment changed."""
+        site = self.sites[name]
+        if not site.ready or module.sift_values._version == site.synced:
+            return
+        with torch.no_grad():
+            flat = module.weight.view(-1)
+            flat[module.sift_indices] = (module.sift_base + module.sift_values).to(flat.dtype)
+        site.synced = module.sift_values._version
+
+    def _tap(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor):
+        if not (self.sites[name].ready and torch.is_grad_enabled()):
+            return output
+        transposed = isinstance(module, Conv1D)
+        return _GradientTap.apply(
+            output, args[0], module.sift_values, module.sift_indices, transposed
+        )
+
+    def calibrate(self, model: nn.Module, batches, accelerator) -> None:
+        """Choose the indices (unless a mask gave them): largest accumulated |gradient| over
+        the first `select_batches` batches, summed over processes; or magnitude, or random."""
+        if all(site.ready for site in self.sites.values()):
+            return
+        weights = {name: site.module.weight for name, site in self.sites.items()}
+        if self.config.select == "gradient":
+            scores = _gradient_scores(
+                model, batches, accelerator, weights, self.config.select_batches
+            )
+        elif self.config.select == "magnitude":
+            scores = {name: w.detach().abs() for name, w in weights.items()}
+        else:
+            generator = torch.Generator().manual_seed(0)
+            scores = {
+                name: torch.rand(w.shape, generator=generator).to(w.device)
+                for name, w in weights.items()
+            }
+        chosen = {}
+        for name, site in self.sites.items():
+            top = torch.topk(scores[name].reshape(-1).float(), site.count).indices
+            chosen[f"{name}.sift_indices"] = top.sort().values
+        self.load(chosen)
+
+    def load(self, values: dict[str, torch.Tensor]) -> None:
+        """Indices (and increments, where given) from a saved delta or mask."""
+        with torch.no_grad():
+            for name, site in self.sites.items():
+                module = site.module
+                if f"{name}.sift_indices" in values:
+                    module.sift_indices.copy_(values[f"{name}.sift_indices"])
+                    module.sift_base.copy_(module.weight.detach().view(-1)[module.sift_indices])
+                if f"{name}.sift_values" in values:
+                    module.sift_values.copy_(values[f"{name}.sift_values"])
+                site.ready, site.synced = True, -1
+
+    def saved_names(self) -> list[str]:
+        return [f"{name}.sift_{part}" for name in self.targets for part in ("indices", "values")]
+
+    def export(self) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+        tensors = {}
+        for name, site in self.sites.items():
+            tensors[f"{name}.sift_indices"] = site.module.sift_indices.detach()
+            tensors[f"{name}.sift_values"] = site.module.sift_values.detach()
+        counts = [site.count for site in self.sites.values()]
+        config = dataclasses.replace(self.config, mask=None, counts=self.config.counts and counts)
+        return config, tensors
+
+    def densities(self) -> dict[str, float]:
+        return {name: site.count / site.module.weight.numel() for name, site in self.sites.items()}
+
+    def delta_weights(self, values: dict[str, torch.Tensor]) -> dict[str, Increment]:
+        return {
+            f"{name}.weight": partial(
+                _scatter,
+                values[f"{name}.sift_indices"].long(),
+                values[f"{name}.sift_values"].float(),
+            )
+            for name in self.targets
+        }
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        with torch.no_grad():
+            for site in self.sites.values():
+                module = site.module
+                if site.ready:
+                    module.weight.view(-1)[module.sift_indices] = module.sift_base.to(
+                        module.weight.dtype
+                    )
+                del module.sift_values, module.sift_indices, module.sift_base
+        super().detach()
+
+
+def _targets(model: nn.Module, patterns: list[str] | None, modules: dict) -> list[str]:
+    if patterns == ["all-linear"]:
+        return resolve_all_linear(modules)
+    if patterns is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in PRESETS:
+            raise DeltacliError(
+                f"no SIFT target preset for model type {model_type!r}; "
+                "set targets, e.g. [all-linear]"
+            )
+        patterns = PRESETS[model_type]
+    return select(modules, patterns, what="linear module", keep=lambda n: is_linear(modules[n]))
+
+
+def _gradient_scores(
+    model, batches, accelerator, weights: dict, count: int
+) -> dict[str, torch.Tensor]:
+    """Σ |∂L/∂W| over `count` batches for each targeted W, summed over every process."""
+    scores = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    try:
+        for step, batch in enumerate(batches):
+            if step == count:
+                break
+            model(**batch).loss.backward()
+            for name, weight in weights.items():
+                scores[name] += weight.grad.abs().float()
+                weight.grad = None
+    finally:
+        for weight in weights.values():
+            weight.requires_grad_(False)
+            weight.grad = None
+    for param in model.parameters():
+        param.grad = None  # the selection batches update nothing
+    return {name: accelerator.reduce(score, reduction="sum") for name, score in scores.items()}
+
+
+def _scatter(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    increment = torch.zeros(weight.numel(), dtype=torch.float32)
+    increment[indices] = values
+    return increment.view(weight.shape)
+
+
+def _read_mask(folder: Path, targets: list[str]) -> dict[str, torch.Tensor]:
+    """Indices by `{module}.sift_indices` from a mask directory or a saved SIFT delta."""
+    files = [folder / MASK_FILE, folder / "adapter_model.safetensors"]
+    path = next((f for f in files if f.is_file()), None)
+    if path is None:
+        raise DeltacliError(
+            f"{folder} holds no {MASK_FILE}; make one with `deltacli sparsify --from-gradients`"
+        )
+    tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(path).items()}
+    missing = [t for t in targets if f"{t}.sift_indices" not in tensors]
+    if missing:
+        raise DeltacliError(f"the mask in {folder} has no indices for {missing[0]}")
+    return {f"{t}.sift_indices": tensors[f"{t}.sift_indices"] for t in targets}
