@@ -80,13 +80,17 @@ def train(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --output if it exists.")] = False,
+    mask: Annotated[
+        str | None,
+        typer.Option(help="Index masks for sparse deltas, from `sparsify --from-gradients`."),
+    ] = None,
 ) -> None:
     """Fine-tune a delta (LoRA, BitFit, LayerNorm, ... or full) and save it.
 
     Shows progress, evaluates after every epoch, keeps the best epoch, and writes a delta
     directory (PEFT's format where PEFT has the method) with the resolved recipe and metrics.
     """
-    from deltacli.recipe import load_recipe, recipe_file
+    from deltacli.recipe import load_recipe, recipe_file, with_mask
     from deltacli.render import train_summary
     from deltacli.trainer import train as run_training
 
@@ -96,6 +100,8 @@ def train(
     elif eval_data:
         extra.append(f"data.eval={eval_data}")
     resolved = load_recipe(recipe_file(method, recipe), [*extra, *(overrides or [])])
+    if mask:
+        resolved = with_mask(resolved, mask)
     result = run_training(resolved, output, overwrite, console=err)
     if result.metrics and _is_main_process():
         out.print(train_summary(str(result.output), result.metrics))
@@ -277,10 +283,95 @@ def _floats(text: str) -> list[float]:
         ) from None
 
 
-@app.command()
-def sparsify() -> None:
-    """Turn a dense update into a sparse delta (not implemented yet)."""
-    raise DeltacliError("sparsify is not implemented yet")
+SPARSIFY_EXAMPLES = """
+[bold]Examples[/]
+
+  deltacli sparsify default runs/full runs/sparse --density 0.01 --eval sst2:validation
+  deltacli sparsify ./llama ./llama-tuned sparse/ --density 0.05 --by global
+  deltacli sparsify default runs/lora sparse/ --density 0.01   [dim]# densifies B·A first[/]
+  deltacli sparsify --from-gradients --model default --data sst2:train --density 0.01 masks/
+  deltacli train --method sift --mask masks/
+"""
+
+
+@app.command(epilog=SPARSIFY_EXAMPLES)
+def sparsify(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="BASE TUNED OUT: the base model, the tuned model or delta, and the sparse "
+            "delta to write (with --from-gradients, just OUT).",
+            metavar="[BASE TUNED] OUT",
+        ),
+    ],
+    density: Annotated[float, typer.Option(help="Share of each targeted matrix to keep.")] = 0.01,
+    by: Annotated[
+        str, typer.Option(help="Keep the top entries per `matrix` or over all of them (`global`).")
+    ] = "matrix",
+    targets: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated module patterns [default: every linear layer]."),
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option("--eval", help="Score the sparse delta beside the dense one on this data."),
+    ] = None,
+    from_gradients: Annotated[
+        bool, typer.Option(help="Save SIFT index masks chosen by gradients on --data instead.")
+    ] = False,
+    model: Annotated[str, typer.Option(help="With --from-gradients: the model.")] = "default",
+    data: Annotated[str, typer.Option(help="With --from-gradients: the data.")] = "sst2:train",
+    text: Annotated[str | None, typer.Option(help="Text column of --eval or --data.")] = None,
+    label: Annotated[str | None, typer.Option(help="Label column of --eval or --data.")] = None,
+    batches: Annotated[
+        int, typer.Option(min=1, help="With --from-gradients: batches whose gradients choose.")
+    ] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    json: Json = False,
+) -> None:
+    """Turn a dense update into a sparse delta, or choose SIFT masks from gradients.
+
+    Keeps the largest |W_tuned - W_base| entries of the targeted matrices as a SIFT delta
+    (indices + values) and reports how much of the update's norm survives; the task head is
+    kept dense. Reads both checkpoints tensor by tensor.
+    """
+    from deltacli.render import print_json, sparsify_summary
+    from deltacli.sparsify import masks_from_gradients
+    from deltacli.sparsify import sparsify as run_sparsify
+
+    patterns = targets.split(",") if targets else None
+    if from_gradients:
+        if len(paths) != 1:
+            raise DeltacliError("with --from-gradients give only OUT")
+        from deltacli.recipe import load_recipe, recipe_file
+
+        overrides = [
+            f"model={model}", f"data.train={data}", "data.eval=null",
+            f"deltas.0.density={density}", f"deltas.0.select_batches={batches}",
+            "deltas.0.select=gradient", f"deltas.0.targets={patterns or 'null'}",
+            *([f"data.text={text}"] if text else []),
+            *([f"data.label={label}"] if label else []),
+        ]  # fmt: skip
+        shares = masks_from_gradients(
+            load_recipe(recipe_file("sift", None), overrides), Path(paths[0]), overwrite
+        )
+        if json:
+            print_json(out, shares)
+        else:
+            out.print(f"saved masks for {len(shares)} matrices to {paths[0]}")
+        return
+    if len(paths) != 3:
+        raise DeltacliError("sparsify needs BASE, TUNED and OUT (or --from-gradients OUT)")
+    base, tuned, output = paths
+    columns = {"text": text, "label": label}
+    report = run_sparsify(
+        base, tuned, Path(output), density, by, patterns, eval_data, columns, overwrite, err
+    )
+    if json:
+        print_json(out, report)
+    else:
+        for table in sparsify_summary(report):
+            out.print(table)
 
 
 def _is_main_process() -> bool:

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from deltacli.build import prepare_model
 from deltacli.data import batches, load_scoring_data
-from deltacli.models import load_tokenizer
+from deltacli.models import config_labels, load_config, load_model, load_tokenizer
+from deltacli.recipe import DataConfig
 from deltacli.runtime import make_accelerator
 from deltacli.store import read_delta
 
@@ -74,13 +75,38 @@ def score_delta(
     `columns` overrides the saved recipe's text/text_pair/label column names.
     """
     saved = read_delta(folder, model)
-    changes = {k: v for k, v in (columns or {}).items() if v is not None}
-    data_config = dataclasses.replace(saved.recipe.data, **changes)
-    accelerator = make_accelerator()
+    data_config = _with_columns(saved.recipe.data, columns)
     tokenizer = load_tokenizer(saved.recipe.model)
     table, labels = load_scoring_data(data, data_config, tokenizer)
     recipe = dataclasses.replace(saved.recipe, data=dataclasses.replace(data_config, labels=labels))
     base, deltas = prepare_model(recipe)
     saved.load_into(deltas)
-    base, loader = accelerator.prepare(base, batches(table, tokenizer, batch_size, False))
-    return evaluate(base, loader, accelerator)
+    return _score(base, tokenizer, table, batch_size)
+
+
+def score_model(
+    folder: str,
+    data: str,
+    columns: dict[str, str | None] | None = None,
+    batch_size: int = 64,
+    task: str = "sequence-classification",
+    tokenizer_from: str | None = None,
+) -> dict[str, float]:
+    """Score a whole model directory (e.g. a fully fine-tuned or merged one) on `data`, with
+    the label mapping its config carries (and another model's tokenizer, if it has none)."""
+    config = load_config(folder)
+    labels = config_labels(config)
+    data_config = _with_columns(DataConfig(labels=labels), columns)
+    tokenizer = load_tokenizer(tokenizer_from or folder)
+    table, _ = load_scoring_data(data, data_config, tokenizer)
+    return _score(load_model(folder, task, labels), tokenizer, table, batch_size)
+
+
+def _with_columns(config: DataConfig, columns: dict[str, str | None] | None) -> DataConfig:
+    return dataclasses.replace(config, **{k: v for k, v in (columns or {}).items() if v})
+
+
+def _score(model: nn.Module, tokenizer, table, batch_size: int) -> dict[str, float]:
+    accelerator = make_accelerator()
+    model, loader = accelerator.prepare(model, batches(table, tokenizer, batch_size, False))
+    return evaluate(model, loader, accelerator)

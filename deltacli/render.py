@@ -14,6 +14,7 @@ from rich.tree import Tree
 from deltacli.deltas.targets import collapse_indices
 from deltacli.inspection import DeltaReport, Group, Layer, ModelReport, Node
 from deltacli.merge import MergeReport
+from deltacli.sparsify import SparsifyReport
 
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "Matthews corr."}
 
@@ -73,6 +74,46 @@ def merge_summary(report: MergeReport) -> Table:
     if report.max_logit_difference is not None:
         table.add_row("verified", f"max |logit difference| {report.max_logit_difference:.2e}")
     return table
+
+
+def sparsify_summary(report: SparsifyReport) -> list[Table]:
+    summary = Table(title=f"deltacli sparsify -> {report.output}", title_justify="left")
+    summary.add_column("", style="bold")
+    summary.add_column("")
+    kept = sum(m.kept for m in report.matrices)
+    size = sum(m.size for m in report.matrices)
+    summary.add_row(
+        "kept", f"{kept:,} of {size:,} entries in {len(report.matrices)} matrices ({report.by})"
+    )
+    summary.add_row("update norm kept", f"{100 * report.norm_kept:.1f}% of the targeted matrices'")
+    summary.add_row("", f"{100 * report.norm_kept_overall:.1f}% of the whole update's")
+    if report.dropped:
+        summary.add_row(
+            "left out", f"{len(report.dropped)} other changed tensors (e.g. {report.dropped[0]})"
+        )
+    if report.note:
+        summary.add_row("note", report.note)
+    for side, scores in (report.scores or {}).items():
+        summary.add_row(
+            f"{side} accuracy", f"{scores['accuracy']:.4f} (macro-F1 {scores['macro_f1']:.4f})"
+        )
+    folded: dict[str, list] = {}
+    for matrix in report.matrices:
+        folded.setdefault(collapse_indices(matrix.name), []).append(matrix)
+    detail = Table(title="per matrix (layers folded)", title_justify="left")
+    for column in ("matrix", "×", "kept", "update norm kept"):
+        detail.add_column(
+            column, justify="left" if column == "matrix" else "right", overflow="fold"
+        )
+    for name, matrices in folded.items():
+        shares = [m.norm_kept for m in matrices]
+        detail.add_row(
+            name,
+            str(len(matrices)),
+            f"{sum(m.kept for m in matrices):,}",
+            f"{100 * min(shares):.1f}–{100 * max(shares):.1f}%",
+        )
+    return [summary, detail]
 
 
 def model_report(report: ModelReport, by: str = "module", tree: bool = False) -> list:

@@ -95,13 +95,23 @@ def save_delta(
     The recipe is saved with the configs the deltas export (a prefix trained through an MLP
     is saved folded, as a plain prefix)."""
     configs, tensors = deltas.export()
-    tensors = {key: t.to("cpu").contiguous() for key, t in tensors.items()}
+    peft = peft_config(deltas, recipe.task, base_model)
+    write_delta(folder, dataclasses.replace(recipe, deltas=configs), tensors, metrics, peft)
+
+
+def write_delta(
+    folder: Path,
+    recipe: Recipe,
+    tensors: dict[str, torch.Tensor],
+    metrics: dict | None,
+    peft: dict | None = None,
+) -> None:
+    """The files of a delta directory, from its recipe and its tensors by file key."""
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    config = peft_config(deltas, recipe.task, base_model)
-    if config is not None:
-        write_json(folder / PEFT_CONFIG_FILE, config)
-    saved = dataclasses.replace(recipe, deltas=configs)
-    (folder / RECIPE_FILE).write_text(dump_recipe(saved), encoding="utf-8")
+    if peft is not None:
+        write_json(folder / PEFT_CONFIG_FILE, peft)
+    (folder / RECIPE_FILE).write_text(dump_recipe(recipe), encoding="utf-8")
     if metrics is not None:
         write_json(folder / METRICS_FILE, metrics)
 

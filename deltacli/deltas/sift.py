@@ -110,7 +110,7 @@ class Sift(Delta):
 
     def attach(self, model: nn.Module) -> None:
         modules = modules_by_name(model)
-        self.targets = _targets(model, self.config.targets, modules)
+        self.targets = sift_targets(model, self.config.targets)
         mask = _read_mask(Path(self.config.mask), self.targets) if self.config.mask else None
         if mask is not None:
             counts = [len(mask[f"{name}.sift_indices"]) for name in self.targets]
@@ -233,7 +233,9 @@ class Sift(Delta):
         super().detach()
 
 
-def _targets(model: nn.Module, patterns: list[str] | None, modules: dict) -> list[str]:
+def sift_targets(model: nn.Module, patterns: list[str] | None) -> list[str]:
+    """The linear modules a SIFT delta with these patterns trains (null: the preset)."""
+    modules = modules_by_name(model)
     if patterns == ["all-linear"]:
         return resolve_all_linear(modules)
     if patterns is None:

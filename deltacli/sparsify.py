@@ -1,0 +1,297 @@
+"""Dense updates to sparse deltas, and SIFT masks from gradients.
+
+`sparsify` keeps, per matrix or over all of them, the largest |W_tuned - W_base| entries of
+the targeted matrices and writes them as a SIFT delta (flat indices + values), the task head
+riding along dense. The tuned weights come from a fully fine-tuned (or merged) model directory,
+or from base + a delta that folds into weights (a LoRA is densified to B·A first, so the
+sparse result approximates it). Checkpoints are read tensor by tensor, never whole.
+
+`masks_from_gradients` runs SIFT's selection on a few batches and saves the chosen indices as
+an untrained SIFT delta, which `train --mask DIR` reuses and `inspect` shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from deltacli.checkpoint import Checkpoint
+from deltacli.deltas.sift import sift_targets
+from deltacli.deltas.targets import minimal_suffixes, modules_by_name
+from deltacli.errors import DeltacliError
+from deltacli.evaluate import score_delta, score_model
+from deltacli.merge import Plan, apply_increments, plan_increments
+from deltacli.models import build_on_meta, config_labels, head_modules, load_config, local_dir
+from deltacli.recipe import Recipe, parse_recipe
+from deltacli.store import atomic_dir, check_output, is_delta_dir, read_delta, write_delta
+from deltacli.trainer import Trainer
+
+_BUCKETS = 1 << 16  # |Δ| histogram buckets: the top 16 bits of a float32
+
+
+@dataclasses.dataclass
+class MatrixReport:
+    name: str
+    size: int
+    kept: int
+    norm_kept: float  # share of this matrix's update L2 norm kept
+
+
+@dataclasses.dataclass
+class SparsifyReport:
+    output: str
+    density: float
+    by: str
+    matrices: list[MatrixReport]
+    norm_kept: float  # share of the targeted matrices' update norm kept
+    norm_kept_overall: float  # share of the whole update's norm (every changed tensor)
+    dropped: list[str]  # changed tensors neither targeted nor part of the head
+    note: str | None
+    scores: dict[str, dict] | None = None
+
+
+class TunedModel:
+    """Tuned weights from a whole model directory."""
+
+    note = None
+
+    def __init__(self, folder: Path, base: Path) -> None:
+        self.labels = config_labels(load_config(str(folder)))
+        self.task = "sequence-classification"
+        self.model = build_on_meta(str(folder), self.task, self.labels)
+        self.checkpoint = Checkpoint(folder, self.model)
+        self.base = Checkpoint(base, self.model)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.checkpoint.read(name).float()
+
+    def changed(self) -> set[str]:
+        return {
+            name
+            for name in self.checkpoint.keys
+            if name not in self.base.keys
+            or not torch.equal(self.base.read(name), self.checkpoint.read(name))
+        }
+
+    def close(self) -> None:
+        self.checkpoint.close()
+        self.base.close()
+
+
+class TunedDelta:
+    """Tuned weights as base + a delta that folds into them (what `merge` would write)."""
+
+    def __init__(self, folder: Path, base: Path) -> None:
+        saved = read_delta(folder, model=str(base))
+        self.plan: Plan = plan_increments([saved], [1.0])
+        self.model, self.task, self.labels = (
+            self.plan.model,
+            saved.recipe.task,
+            saved.recipe.data.labels,
+        )
+        self.base = Checkpoint(base, self.model)
+        kinds = sorted({delta.kind for delta in saved.recipe.deltas})
+        self.note = (
+            None
+            if kinds == ["full"]
+            else f"densified from a {', '.join(kinds)} delta: the sparse delta approximates it"
+        )
+
+    def read(self, name: str) -> torch.Tensor:
+        if name in self.base.keys:
+            before = self.base.read(name)
+        else:
+            before = torch.zeros(self.plan.shapes[name])
+        changes = self.plan.increments.get(name)
+        return apply_increments(before, changes) if changes else before.float()
+
+    def changed(self) -> set[str]:
+        return set(self.plan.increments)
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def sparsify(
+    base: str,
+    tuned: str,
+    output: Path,
+    density: float,
+    by: str = "matrix",
+    targets: list[str] | None = None,
+    eval_data: str | None = None,
+    columns: dict[str, str | None] | None = None,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> SparsifyReport:
+    """Keep the top |W_tuned - W_base| entries of every targeted matrix as a sparse delta;
+    with `eval_data`, score it beside the dense tuned model (`columns` names the columns)."""
+    if not 0.0 < density <= 1.0:
+        raise DeltacliError(f"--density must be in (0, 1], got {density}")
+    if by not in ("matrix", "global"):
+        raise DeltacliError(f"--by must be matrix or global, got {by!r}")
+    check_output(output, overwrite)
+    base_dir = local_dir(base)
+    source = (
+        TunedDelta(Path(tuned), base_dir)
+        if is_delta_dir(Path(tuned))
+        else TunedModel(local_dir(tuned), base_dir)
+    )
+    try:
+        report = _sparsify(
+            base, source, output, density, by, targets or ["all-linear"], overwrite, console
+        )
+    finally:
+        source.close()
+    if eval_data:
+        dense = (
+            score_delta(Path(tuned), eval_data, str(base_dir), columns)
+            if is_delta_dir(Path(tuned))
+            else score_model(tuned, eval_data, columns, tokenizer_from=str(base_dir))
+        )
+        sparse = score_delta(output, eval_data, str(base_dir), columns)
+        report.scores = {"sparse": sparse, "dense": dense}
+    return report
+
+
+def _sparsify(base, source, output, density, by, targets, overwrite, console) -> SparsifyReport:
+    modules = modules_by_name(source.model)
+    matrices = [f"{name}.weight" for name in sift_targets(source.model, targets)]
+    head = {n for m in head_modules(source.model) for n, _ in modules[m].named_parameters(prefix=m)}
+
+    def update(name: str) -> torch.Tensor:
+        before = source.base.read(name).float() if name in source.base.keys else 0.0
+        return source.read(name) - before
+
+    kept = _select(matrices, update, density, by, console)
+    tensors: dict[str, torch.Tensor] = {}
+    reports, kept_norm, full_norm = [], 0.0, 0.0
+    for name, (indices, values, norm) in kept.items():
+        module = name.removesuffix(".weight")
+        tensors[f"base_model.model.{module}.sift_indices"] = indices
+        tensors[f"base_model.model.{module}.sift_values"] = values
+        share = float(values.norm()) / norm if norm > 0 else 1.0
+        reports.append(MatrixReport(module, modules[module].weight.numel(), len(indices), share))
+        kept_norm += float(values.norm()) ** 2
+        full_norm += norm**2
+    for name in sorted(head):
+        tensors[f"base_model.model.{name}"] = source.read(name)
+    dropped = sorted(source.changed() - set(matrices) - head)
+    dropped_norm = sum(float(update(name).norm()) ** 2 for name in dropped)
+    sift = {
+        "kind": "sift",
+        "density": density,
+        "targets": minimal_suffixes([m.removesuffix(".weight") for m in matrices], list(modules)),
+        "select": "magnitude",
+        "counts": [len(kept[m][0]) for m in matrices] if by == "global" else None,
+    }
+    recipe = _recipe(base, source, sift, bool(head))
+    with atomic_dir(output, overwrite) as scratch:
+        write_delta(scratch, recipe, tensors, {"sparsify": {"density": density, "by": by}})
+    return SparsifyReport(
+        output=str(output),
+        density=density,
+        by=by,
+        matrices=reports,
+        norm_kept=math.sqrt(kept_norm / full_norm) if full_norm else 1.0,
+        norm_kept_overall=(
+            math.sqrt(kept_norm / (full_norm + dropped_norm)) if full_norm + dropped_norm else 1.0
+        ),
+        dropped=dropped,
+        note=source.note,
+    )
+
+
+def _select(
+    matrices: list[str],
+    update: Callable[[str], torch.Tensor],
+    density: float,
+    by: str,
+    console: Console | None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Flat indices (sorted), their values and the update's full norm, for every matrix."""
+    with Progress(console=console, disable=console is None, transient=True) as progress:
+        if by == "global":
+            return _select_global(matrices, update, density, progress)
+        kept = {}
+        for name in progress.track(matrices, description="sparsify"):
+            delta = update(name).reshape(-1)
+            k = math.ceil(density * delta.numel())
+            indices = torch.topk(delta.abs(), k).indices.sort().values
+            kept[name] = (indices, delta[indices].clone(), float(delta.norm()))
+        return kept
+
+
+def _select_global(
+    matrices: list[str], update: Callable[[str], torch.Tensor], density: float, progress: Progress
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The K = ceil(density × Σ sizes) largest |Δ| over all matrices, in two streaming passes:
+    a histogram of |Δ| by the top bits of its float32 pattern finds the bucket holding the
+    K-th largest; then everything above that bucket is kept, and the largest of the bucket."""
+    counts = torch.zeros(_BUCKETS, dtype=torch.long)
+    total = 0
+    for name in progress.track(matrices, description="sparsify: sizing"):
+        magnitude = update(name).reshape(-1).abs()
+        counts += torch.bincount(_bucket(magnitude), minlength=_BUCKETS)
+        total += magnitude.numel()
+    budget = math.ceil(density * total)
+    at_or_above = torch.cumsum(counts.flip(0), 0).flip(0)
+    edge = int((at_or_above >= budget).nonzero().max())
+    need = budget - (int(at_or_above[edge + 1]) if edge + 1 < _BUCKETS else 0)
+    above, ties = {}, []
+    for name in progress.track(matrices, description="sparsify: choosing"):
+        delta = update(name).reshape(-1)
+        buckets = _bucket(delta.abs())
+        above[name] = ((buckets > edge).nonzero().squeeze(1), delta, float(delta.norm()))
+        tied = (buckets == edge).nonzero().squeeze(1)
+        ties.extend((float(delta[i].abs()), name, int(i)) for i in tied)
+    ties.sort(key=lambda tie: -tie[0])
+    extra: dict[str, list[int]] = {}
+    for _, name, index in ties[:need]:
+        extra.setdefault(name, []).append(index)
+    kept = {}
+    for name, (chosen, delta, norm) in above.items():
+        indices = (
+            torch.cat([chosen, torch.tensor(extra.get(name, []), dtype=torch.long)]).sort().values
+        )
+        kept[name] = (indices, delta[indices].clone(), norm)
+    return kept
+
+
+def _bucket(magnitude: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32s order like their bit patterns: the top 16 bits bucket them."""
+    return (magnitude.float().contiguous().view(torch.int32) >> 16).long()
+
+
+def _recipe(base: str, source: TunedModel | TunedDelta, sift: dict, head: bool) -> Recipe:
+    return parse_recipe(
+        {
+            "name": f"sparse-{sift['density']:g}",
+            "model": base,
+            "task": source.task,
+            "head": head,
+            "data": {"labels": source.labels},
+            "deltas": [sift],
+        }
+    )
+
+
+def masks_from_gradients(recipe: Recipe, output: Path, overwrite: bool = False) -> dict[str, float]:
+    """Run the recipe's SIFT selection (its first batches' gradients) and save the indices as
+    an untrained SIFT delta; returns the density per matrix."""
+    check_output(output, overwrite)
+    if [d.kind for d in recipe.deltas] != ["sift"]:
+        raise DeltacliError("--from-gradients needs a recipe whose one delta is sift")
+    trainer = Trainer(recipe, console=None)
+    (sift,) = trainer.deltas.deltas
+    config, tensors = sift.export()
+    saved = dataclasses.replace(trainer.recipe, head=False, deltas=[config])
+    with atomic_dir(output, overwrite) as scratch:
+        write_delta(scratch, saved, {sift.peft_key(k): v for k, v in tensors.items()}, None)
+    return sift.densities()
