@@ -222,6 +222,12 @@ class Trainer:
                 "samples_per_second": round(meter.rate, 2),
                 "loss": meter.loss,
             },
+            "optimizer_state_bytes": sum(
+                t.numel() * t.element_size()
+                for state in self.optimizer.state.values()
+                for t in state.values()
+                if torch.is_tensor(t)
+            ),
             "wall_seconds": round(time.perf_counter() - self.started, 2),
             "world_size": self.accelerator.num_processes,
             "device": str(self.accelerator.device),

@@ -41,3 +41,41 @@ def test_two_processes_train_one_delta_and_save_it_once(tiny_bert, sentiment, tm
     ]
     assert losses[-1] < losses[0]
     assert done.stdout.count("deltacli train · lora") == 1  # one summary, from rank 0
+
+
+CHOOSE = """
+import hashlib, json, sys
+import torch
+from deltacli.recipe import parse_recipe
+from deltacli.trainer import Trainer
+
+trainer = Trainer(parse_recipe(json.loads(sys.argv[1])), console=None)
+indices = torch.cat([s.module.sift_indices for s in trainer.deltas.deltas[0].sites.values()])
+digest = hashlib.sha1(indices.numpy().tobytes()).hexdigest()
+print("chosen", trainer.accelerator.process_index, trainer.accelerator.num_processes, digest)
+"""
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
+def test_sift_chooses_the_same_entries_on_every_rank(tiny_bert, sentiment, tmp_path):
+    script = tmp_path / "choose.py"
+    script.write_text(CHOOSE)
+    recipe = {
+        "model": str(tiny_bert),
+        "data": {"train": str(sentiment["train"]), "eval": str(sentiment["eval"]), "text": "text"},
+        "deltas": [{"kind": "sift", "density": 0.02, "select_batches": 2}],
+        "train": {"batch_size": 8},
+    }
+    command = [
+        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), json.dumps(recipe),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    chosen = sorted(
+        line.split()[1:] for line in done.stdout.splitlines() if line.startswith("chosen")
+    )
+    assert [rank for rank, _, _ in chosen] == ["0", "1"]
+    assert {world for _, world, _ in chosen} == {"2"}
+    assert len({digest for _, _, digest in chosen}) == 1  # chosen from the summed gradients

@@ -87,3 +87,14 @@ def test_invalid_yaml_is_one_line(tmp_path):
     with pytest.raises(DeltacliError, match="is not valid YAML") as error:
         load_recipe(path)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_every_shipped_recipe_attaches_to_a_bert(name, tiny_bert):
+    from deltacli.inspection import inspect_model
+
+    recipe = load_recipe(recipe_file(name, None), [f"model={tiny_bert}"])
+    report = inspect_model(str(tiny_bert), recipe)
+    roles = {group.role for group in report.groups}
+    assert 0 < report.trainable <= report.total
+    assert {d.kind for d in recipe.deltas} <= roles

@@ -1,6 +1,6 @@
 """Delta kinds. Importing this package registers every shipped kind."""
 
-from deltacli.deltas import adapter, ia3, lora, prefix, prompt, specify
+from deltacli.deltas import adapter, ia3, lora, prefix, prompt, sift, specify
 from deltacli.deltas.base import KINDS, Delta, DeltaConfig, DeltaSet, attach, kind_class, register
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "prefix",
     "prompt",
     "register",
+    "sift",
     "specify",
 ]
