@@ -1,7 +1,8 @@
-"""Running a command in its own process and measuring its wall time and peak memory."""
+"""Helpers the benchmark scripts share: the training budget, and measured runs."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import time
 from pathlib import Path
@@ -39,3 +40,18 @@ def _high_water_mb(pid: int) -> float:
         return 0.0
     line = next((line for line in status.splitlines() if line.startswith("VmHWM:")), None)
     return int(line.split()[1]) / 1024 if line else 0.0
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training budget every method of one table gets."""
+    parser.add_argument("--train", default="sst2:train", help="training rows (file or sample)")
+    parser.add_argument("--rows", type=int, default=None, help="use the first N training rows")
+    parser.add_argument("--epochs", type=float, default=3)
+
+
+def budget_overrides(args: argparse.Namespace) -> list[str]:
+    """That budget as `deltacli train` overrides."""
+    overrides = [f"data.train={args.train}", f"train.epochs={args.epochs}"]
+    if args.rows:
+        overrides.append(f"data.max_train_rows={args.rows}")
+    return overrides

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deltacli.recipe import shipped_recipes
-from measure import measured
+from measure import add_budget_arguments, budget_overrides, measured
 
 DELTACLI = str(Path(sys.executable).parent / "deltacli")
 
@@ -30,16 +30,12 @@ DELTACLI = str(Path(sys.executable).parent / "deltacli")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=sorted(shipped_recipes()))
-    parser.add_argument("--train", default="sst2:train", help="training rows (file or sample)")
-    parser.add_argument("--rows", type=int, default=None, help="use the first N training rows")
-    parser.add_argument("--epochs", type=float, default=3)
+    add_budget_arguments(parser)
     args = parser.parse_args()
 
     console = Console()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    budget = [f"data.train={args.train}", f"train.epochs={args.epochs}", "train.seed=42"]
-    if args.rows:
-        budget.append(f"data.max_train_rows={args.rows}")
+    budget = budget_overrides(args)
     table = Table(
         title=f"MiniLM on SST-2 dev · {args.epochs:g} epochs over {args.train} "
         f"(first {args.rows or 'all'} rows)"

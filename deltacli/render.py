@@ -16,7 +16,15 @@ from deltacli.inspection import DeltaReport, Group, Layer, ModelReport, Node
 from deltacli.merge import MergeReport
 from deltacli.sparsify import SparsifyReport
 
-METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "Matthews corr."}
+METRIC_NAMES = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "mcc": "Matthews corr.",
+    "perplexity": "perplexity",
+    "exact_match": "exact match",
+    "rouge_l": "ROUGE-L",
+    "bleu": "BLEU",
+}
 
 
 def print_json(console: Console, data: Any) -> None:
@@ -34,8 +42,9 @@ def metrics_table(metrics: dict, title: str) -> Table:
             table.add_row(name, f"{metrics[key]:.4f}")
     if "loss" in metrics:
         table.add_row("loss", f"{metrics['loss']:.4f}")
-    if "examples" in metrics:
-        table.add_row("examples", f"{metrics['examples']:,}")
+    for key in ("examples", "tokens", "generated"):
+        if key in metrics:
+            table.add_row(key, f"{metrics[key]:,}")
     return table
 
 
@@ -54,9 +63,22 @@ def train_summary(output: str, metrics: dict) -> Table:
     table.add_row("throughput", f"{train['samples_per_second']:.1f} samples/s")
     table.add_row("best epoch", str(metrics["best_epoch"]))
     for key, name in METRIC_NAMES.items():
-        table.add_row(f"eval {name}", f"{scores[key]:.4f}")
+        if key in scores:
+            table.add_row(f"eval {name}", f"{scores[key]:.4f}")
     table.add_row("wall time", f"{metrics['wall_seconds']:.1f} s")
     table.add_row("saved to", output)
+    return table
+
+
+def preview_table(preview: list[dict]) -> Table:
+    """Generations for a few eval prompts, before and after training."""
+    table = Table(
+        title="generations before and after training", title_justify="left", show_lines=True
+    )
+    for column in ("prompt", "before", "after", "reference"):
+        table.add_column(column, overflow="fold")
+    for row in preview:
+        table.add_row(*(escape(row[key]) for key in ("prompt", "before", "after", "reference")))
     return table
 
 

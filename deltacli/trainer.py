@@ -23,9 +23,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from deltacli.build import parameter_counts, prepare_model
 from deltacli.data import batches, load_task_data
-from deltacli.evaluate import evaluate
+from deltacli.evaluate import evaluate, generate
 from deltacli.models import load_tokenizer, resolve
-from deltacli.recipe import Recipe
+from deltacli.recipe import GENERATIVE, Recipe
 from deltacli.runtime import make_accelerator, versions
 from deltacli.store import LOG_FILE, atomic_dir, check_output, save_delta
 
@@ -54,7 +54,14 @@ def train(
     main = trainer.accelerator.is_main_process
     with atomic_dir(output, overwrite) if main else contextlib.nullcontext() as scratch:
         log = MetricsLog(scratch / LOG_FILE if scratch else None)
+        before = trainer.preview()
         metrics = trainer.fit(log)
+        if before:
+            after = trainer.preview()
+            metrics["preview"] = [
+                {"prompt": p, "reference": r, "before": b, "after": a}
+                for (p, r), b, a in zip(trainer.data.prompts, before, after, strict=False)
+            ]
         if scratch:
             save_delta(scratch, trainer.deltas, trainer.recipe, resolve(recipe.model), metrics)
     trainer.accelerator.wait_for_everyone()
@@ -87,11 +94,20 @@ class Trainer:
         self.console = console if self.accelerator.is_main_process else None
         set_seed(config.seed)
         self.tokenizer = load_tokenizer(recipe.model)
-        self.data = load_task_data(recipe.data, self.tokenizer, config.seed)
+        self.data = load_task_data(
+            recipe.data, recipe.task, self.tokenizer, config.seed, config.mask_prompt
+        )
         self.recipe = dataclasses.replace(
             recipe, data=dataclasses.replace(recipe.data, labels=self.data.labels)
         )
         self.model, self.deltas = prepare_model(self.recipe)
+        if recipe.task in GENERATIVE:
+            # No cache while training: it only costs memory, and transformers keeps packed
+            # examples apart (block-diagonal attention) only without one.
+            self.model.config.use_cache = False
+        if config.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad (the base is frozen).
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
         self._setup_optimisation()
         self._announce()
 
@@ -131,6 +147,11 @@ class Trainer:
                 f"{len(self.data.eval):,} eval examples · {self.accelerator.device} × "
                 f"{self.accelerator.num_processes} process(es)"
             )
+            if self.data.truncated:
+                self.console.print(
+                    f"[yellow]{self.data.truncated:,} examples were cut at "
+                    f"data.max_length={self.recipe.data.max_length} tokens[/]"
+                )
 
     def fit(self, log: MetricsLog) -> dict:
         """Train for the recipe's budget, evaluating after every epoch; return the metrics of
@@ -167,7 +188,7 @@ class Trainer:
 
     def _evaluate_epoch(self, epoch: int) -> None:
         """Score the eval set; remember this epoch's delta if it is the best so far."""
-        scores = evaluate(self.model, self.eval_batches, self.accelerator)
+        scores = evaluate(self.model, self.eval_batches, self.accelerator, self.recipe.task)
         self.history.append({"epoch": epoch, "step": self.step, **scores})
         self.log.write(step=self.step, epoch=epoch, eval=scores)
         if self.best is None or not self.recipe.train.keep_best or self._better(scores, self.best):
@@ -178,9 +199,18 @@ class Trainer:
             }
 
     def _better(self, scores: dict, best: dict) -> bool:
-        """Higher on the recipe's metric; on a tie, lower eval loss."""
+        """Higher on the recipe's metric (lower, for loss); on a tie, lower eval loss."""
         metric = self.recipe.train.best_metric
-        return (scores[metric], -scores["loss"]) > (best[metric], -best["loss"])
+        sign = -1 if metric == "loss" else 1
+        return (sign * scores[metric], -scores["loss"]) > (sign * best[metric], -best["loss"])
+
+    def preview(self) -> list[str]:
+        """Generations for the first `train.preview` eval prompts (main process only)."""
+        count = self.recipe.train.preview
+        if not (count and self.data.prompts and self.accelerator.is_main_process):
+            return []
+        prompts = [prompt for prompt, _ in self.data.prompts[:count]]
+        return generate(self.accelerator.unwrap_model(self.model), self.tokenizer, prompts)
 
     def _step(self, batch: dict) -> float:
         with self.accelerator.accumulate(self.model):

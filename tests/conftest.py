@@ -148,3 +148,166 @@ def tiny_bert_no_dropout(tmp_path_factory, tiny_bert) -> Path:
     model.save_pretrained(folder)
     BertTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
     return folder
+
+
+LM_WORDS = [
+    "###",
+    "Instruction",
+    "Input",
+    "Response",
+    ":",
+    "the",
+    "movie",
+    "was",
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "film",
+    "plot",
+    "really",
+    "very",
+    "this",
+    "and",
+    "is",
+    "positive",
+    "negative",
+    "review",
+    "sentiment",
+    "of",
+    "what",
+    "say",
+    "hello",
+    "hi",
+    "there",
+    "yes",
+    "no",
+    "a",
+    "an",
+    "it",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+]
+
+
+def word_tokenizer(add_eos: bool = False):
+    """A fast word-level tokenizer (offsets included) over a small vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {word: i for i, word in enumerate(special + LM_WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.WhitespaceSplit()]
+    )
+    single = "$A </s>" if add_eos else "<s> $A"
+    core.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<s>", 2), ("</s>", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama causal LM with a word-level tokenizer, saved as a HF directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = word_tokenizer()
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    """A 2-layer T5 with the same word-level tokenizer (ending sequences with </s>)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("tiny-t5")
+    tokenizer = word_tokenizer(add_eos=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64,
+        pad_token_id=0, eos_token_id=3, decoder_start_token_id=0,
+    )  # fmt: skip
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def instruction_rows(count: int, seed: int) -> list[dict]:
+    """Alpaca records whose answer is the review's polarity word."""
+    rows = []
+    for text, label in sentiment_rows(count, seed):
+        answer = "positive" if label == "pos" else "negative"
+        rows.append(
+            {"instruction": "what is the sentiment of this review", "input": text, "output": answer}
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def instructions(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("instructions")
+    return {
+        "train": write_jsonl(folder / "train.jsonl", instruction_rows(96, seed=1)),
+        "eval": write_jsonl(folder / "dev.jsonl", instruction_rows(32, seed=2)),
+    }
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> dict[str, Path]:
+    """seq2seq rows: the source is a review, the target its polarity word."""
+    folder = tmp_path_factory.mktemp("pairs")
+
+    def make(count, seed):
+        return [
+            {"source": text, "target": "positive" if label == "pos" else "negative"}
+            for text, label in sentiment_rows(count, seed)
+        ]
+
+    return {
+        "train": write_jsonl(folder / "train.jsonl", make(96, 1)),
+        "eval": write_jsonl(folder / "dev.jsonl", make(32, 2)),
+    }
+
+
+def lm_recipe(model: Path, data: dict[str, Path], task: str, *deltas: dict, **train) -> Recipe:
+    fields = {"text": "source", "target": "target"} if task == "seq2seq" else {}
+    return parse_recipe(
+        {
+            "name": "tiny-lm",
+            "model": str(model),
+            "task": task,
+            "data": {
+                "train": str(data["train"]),
+                "eval": str(data["eval"]),
+                "max_length": 64,
+                **fields,
+            },
+            "deltas": list(deltas),
+            "train": {"epochs": 2, "batch_size": 16, "lr": 1e-2, "log_every": 1, **train},
+        }
+    )

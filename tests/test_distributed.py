@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,22 @@ import pytest
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 
 
+def launcher() -> list[str]:
+    """`accelerate launch` for 2 CPU processes on a free port (one launch may still be
+    releasing the default port when the next starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+    ]  # fmt: skip
+
+
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 def test_two_processes_train_one_delta_and_save_it_once(tiny_bert, sentiment, tmp_path):
     command = [
-        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "deltacli", "train", "--method", "lora",
+        *launcher(), "-m", "deltacli", "train", "--method", "lora",
         "--model", str(tiny_bert), "--data", str(sentiment["train"]),
         "--eval-data", str(sentiment["eval"]), "--output", "out",
         "data.text=text", "train.epochs=2", "train.batch_size=8", "train.lr=1e-2", "train.log_every=1",
@@ -52,7 +63,9 @@ from deltacli.trainer import Trainer
 trainer = Trainer(parse_recipe(json.loads(sys.argv[1])), console=None)
 indices = torch.cat([s.module.sift_indices for s in trainer.deltas.deltas[0].sites.values()])
 digest = hashlib.sha1(indices.numpy().tobytes()).hexdigest()
-print("chosen", trainer.accelerator.process_index, trainer.accelerator.num_processes, digest)
+rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+with open(f"{sys.argv[2]}/chosen-{rank}", "w") as out:  # one file a rank: no interleaving
+    out.write(f"{rank} {world} {digest}")
 """
 
 
@@ -66,16 +79,11 @@ def test_sift_chooses_the_same_entries_on_every_rank(tiny_bert, sentiment, tmp_p
         "deltas": [{"kind": "sift", "density": 0.02, "select_batches": 2}],
         "train": {"batch_size": 8},
     }
-    command = [
-        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), json.dumps(recipe),
-    ]  # fmt: skip
+    command = [*launcher(), str(script), json.dumps(recipe), str(tmp_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    chosen = sorted(
-        line.split()[1:] for line in done.stdout.splitlines() if line.startswith("chosen")
-    )
+    chosen = sorted(path.read_text().split() for path in tmp_path.glob("chosen-*"))
     assert [rank for rank, _, _ in chosen] == ["0", "1"]
     assert {world for _, world, _ in chosen} == {"2"}
     assert len({digest for _, _, digest in chosen}) == 1  # chosen from the summed gradients

@@ -54,7 +54,10 @@ def test_null_override_clears_an_optional_key():
         ("deltas.0.r=four", "deltas.0.r must be an integer, got 'four'"),
         ("deltas.0.r=2.5", "deltas.0.r must be an integer"),
         ("train.keep_best=maybe", "train.keep_best must be true or false"),
-        ("train.best_metric=f1", "train.best_metric must be one of accuracy, macro_f1, mcc"),
+        (
+            "train.best_metric=f1",
+            "train.best_metric must be one of auto, accuracy, macro_f1, mcc, loss",
+        ),
         ("deltas.3.r=4", "'deltas.3' is out of range"),
         ("deltas.0.kind=lorra", "unknown delta kind 'lorra' (did you mean 'lora'?)"),
         ("train.lr=0", "train.lr must be positive"),

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from deltacli.deltas.base import Delta, DeltaConfig, register
-from deltacli.deltas.sublayers import sublayer
+from deltacli.deltas.sublayers import partner, sublayer
 from deltacli.deltas.targets import layer_index, modules_by_name, select
 from deltacli.errors import DeltacliError
 from deltacli.schema import option
@@ -86,9 +86,8 @@ class Adapter(Delta):
         self._hooks, self._owners, self._inputs = [], [], {}
         if config.placement == "parallel":
             reads = self._in_layers(select(modules, [config.reads or preset.reads], what="module"))
-            by_layer = {layer_index(name): name for name in reads}
             for name in writes:
-                source = by_layer.get(layer_index(name))
+                source = partner(name, reads)
                 if source is None:
                     raise DeltacliError(f"no module to read for {name} in its layer")
                 hook = partial(self._remember, name)

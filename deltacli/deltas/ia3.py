@@ -18,8 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltacli.deltas.base import Delta, DeltaConfig, Increment, register
-from deltacli.deltas.lora import is_linear
-from deltacli.deltas.targets import minimal_suffixes, modules_by_name, select
+from deltacli.deltas.targets import is_linear, minimal_suffixes, modules_by_name, select
 from deltacli.errors import DeltacliError
 from deltacli.schema import option
 

@@ -20,9 +20,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltacli.deltas.base import Delta, DeltaConfig, Increment, register
-from deltacli.deltas.targets import minimal_suffixes, modules_by_name, select
+from deltacli.deltas.targets import linear_targets, minimal_suffixes, modules_by_name
 from deltacli.errors import DeltacliError
-from deltacli.models import HEAD_NAMES
 from deltacli.schema import option
 
 # The projections LoRA targets when a recipe names none: PEFT's defaults, so counts agree.
@@ -44,9 +43,6 @@ PRESETS: dict[str, list[str]] = {
     "bart": ["q_proj", "v_proj"],
 }
 
-# Module names that are a task or LM head: never LoRA targets under `all-linear`.
-_HEADS = (*HEAD_NAMES, "lm_head")
-
 
 @dataclasses.dataclass
 class LoraConfig(DeltaConfig):
@@ -63,10 +59,6 @@ class LoraConfig(DeltaConfig):
             raise DeltacliError(f"lora r must be at least 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise DeltacliError(f"lora dropout must be in [0, 1), got {self.dropout}")
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
@@ -90,25 +82,9 @@ def _low_rank_increment(
     return increment.T if transposed else increment
 
 
-def resolve_all_linear(modules: dict[str, nn.Module]) -> list[str]:
-    """Every linear layer of the body: what `targets: [all-linear]` means."""
-    return [n for n, m in modules.items() if is_linear(m) and n.split(".")[0] not in _HEADS]
-
-
 def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
     """The module names LoRA attaches to, from explicit patterns or the architecture's preset."""
-    modules = modules_by_name(model)
-    if targets == ["all-linear"]:
-        return resolve_all_linear(modules)
-    if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in PRESETS:
-            raise DeltacliError(
-                f"no LoRA target preset for model type {model_type!r}; name the modules, "
-                "e.g. deltas.0.targets=[q_proj,v_proj], or use [all-linear]"
-            )
-        targets = PRESETS[model_type]
-    return select(modules, targets, what="linear module", keep=lambda n: is_linear(modules[n]))
+    return linear_targets(model, targets, PRESETS, "LoRA")
 
 
 @register

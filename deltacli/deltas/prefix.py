@@ -41,6 +41,8 @@ def _prefixed_attention(module, query, key, value, attention_mask, **kwargs):
         prefix_key, prefix_value = delta.layer_prefix(layer, key)
         length = prefix_key.shape[2]
         attention_mask = _widen_mask(attention_mask, length, query, key, module)
+        if kwargs.get("position_bias") is not None:  # T5: no relative bias toward the prefix
+            kwargs["position_bias"] = F.pad(kwargs["position_bias"], (length, 0))
         key = torch.cat([prefix_key, key], dim=2)
         value = torch.cat([prefix_value, value], dim=2)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -137,10 +139,15 @@ class Prefix(Delta):
         l earlier tokens) does: positions l, l+1, ... instead of 0, 1, ..."""
         self._current = self.encoder()
         ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if self._shifts_positions and kwargs.get("position_ids") is None and ids is not None:
-            length = self.config.length
-            positions = torch.arange(length, length + ids.shape[1], device=ids.device)
-            kwargs["position_ids"] = positions.unsqueeze(0).expand(ids.shape[0], -1)
+        if self._shifts_positions and ids is not None:
+            positions = kwargs.get("position_ids")
+            if positions is None:
+                cached = kwargs.get("cache_position")
+                positions = (
+                    cached if cached is not None else torch.arange(ids.shape[1], device=ids.device)
+                )
+                positions = positions.unsqueeze(0).expand(ids.shape[0], -1)
+            kwargs["position_ids"] = positions + self.config.length
         return args, kwargs
 
     def _release(self, model: nn.Module, args: tuple, output: object) -> None:

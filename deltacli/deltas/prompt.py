@@ -4,10 +4,11 @@ A forward pre-hook on the model turns `input_ids` into embeddings, prepends the 
 widens the attention mask and token types to match, exactly as PEFT does, so a saved prompt is
 a PEFT adapter (`prompt_embeddings`, n × hidden).
 
-Causal models read their answer at the last position and cannot find padding once they get
-embeddings instead of ids; for them the padding is moved in front of the prompt and positions
-are counted over real tokens only, so a padded batch gives each example's own result (PEFT
-reads a pad there).
+Causal classifiers read their answer at the last position and cannot find padding once they
+get embeddings instead of ids; for them the padding is moved in front of the prompt and
+positions are counted over real tokens only, so a padded batch gives each example's own result
+(PEFT reads a pad there). Causal LMs get -100 labels for the prompt, and during generation the
+cached prompt is counted in the mask and the positions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from deltacli.deltas.base import Delta, DeltaConfig, register
 from deltacli.errors import DeltacliError
+from deltacli.lm_data import IGNORE
 from deltacli.schema import option
 
 
@@ -65,19 +67,34 @@ class Prompt(Delta):
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
             kwargs = {"input_ids": args[0], **kwargs}
+        length = self.config.length
+        if kwargs.get("encoder_outputs") is not None:
+            raise DeltacliError(
+                "prompt tuning cannot generate with encoder-decoder models yet; "
+                "score their loss instead (deltacli eval without --generate)"
+            )
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is not None and cache.get_seq_length() > 0:
+            return (), _after_prompt(kwargs, length)  # a later generation step: prompt is cached
         input_ids = kwargs.pop("input_ids", None)
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
             embeds = model.get_input_embeddings()(input_ids)
-        batch, length = embeds.shape[0], self.config.length
+        batch = embeds.shape[0]
         prompt = self.holder.embedding.weight.unsqueeze(0).expand(batch, -1, -1)
         kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)
-        for name, fill in (("attention_mask", 1), ("token_type_ids", 0)):
-            if kwargs.get(name) is not None:
-                value = kwargs[name]
+        for name, fill in (("attention_mask", 1), ("token_type_ids", 0), ("labels", IGNORE)):
+            value = kwargs.get(name)
+            if value is not None and (name != "labels" or value.ndim == 2):
                 lead = torch.full((batch, length), fill, dtype=value.dtype, device=value.device)
                 kwargs[name] = torch.cat([lead, value], dim=1)
-        if self.causal and kwargs.get("attention_mask") is not None:
+        if kwargs.get("position_ids") is not None:
+            lead = torch.arange(length, device=embeds.device).expand(batch, -1)
+            kwargs["position_ids"] = torch.cat([lead, kwargs["position_ids"] + length], dim=1)
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(length + embeds.shape[1], device=embeds.device)
+        token_labels = kwargs.get("labels") is not None and kwargs["labels"].ndim == 2
+        if self.causal and not token_labels and kwargs.get("attention_mask") is not None:
             kwargs = _padding_first(kwargs)
         return (), kwargs
 
@@ -99,6 +116,19 @@ class Prompt(Delta):
             "num_transformer_submodules": 1,
             "prompt_tuning_init": "RANDOM",
         }
+
+
+def _after_prompt(kwargs: dict, length: int) -> dict:
+    """A generation step after the first: the cache holds the prompt, so the mask and the
+    positions count it."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        lead = torch.ones(mask.shape[0], length, dtype=mask.dtype, device=mask.device)
+        kwargs["attention_mask"] = torch.cat([lead, mask], dim=1)
+    for name in ("position_ids", "cache_position"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name] + length
+    return kwargs
 
 
 def _padding_first(kwargs: dict) -> dict:

@@ -27,8 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltacli.deltas.base import Delta, DeltaConfig, Increment, register
-from deltacli.deltas.lora import is_linear, resolve_all_linear
-from deltacli.deltas.targets import modules_by_name, select
+from deltacli.deltas.targets import linear_targets, modules_by_name
 from deltacli.errors import DeltacliError
 from deltacli.schema import option
 
@@ -41,6 +40,8 @@ PRESETS: dict[str, list[str]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "t5": ["q", "k", "v", "o"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj"],
 }
 MASK_FILE = "masks.safetensors"
 
@@ -235,18 +236,7 @@ class Sift(Delta):
 
 def sift_targets(model: nn.Module, patterns: list[str] | None) -> list[str]:
     """The linear modules a SIFT delta with these patterns trains (null: the preset)."""
-    modules = modules_by_name(model)
-    if patterns == ["all-linear"]:
-        return resolve_all_linear(modules)
-    if patterns is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in PRESETS:
-            raise DeltacliError(
-                f"no SIFT target preset for model type {model_type!r}; "
-                "set targets, e.g. [all-linear]"
-            )
-        patterns = PRESETS[model_type]
-    return select(modules, patterns, what="linear module", keep=lambda n: is_linear(modules[n]))
+    return linear_targets(model, patterns, PRESETS, "SIFT")
 
 
 def _gradient_scores(

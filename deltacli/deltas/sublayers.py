@@ -42,6 +42,16 @@ PRESETS: dict[str, dict[str, Sublayer]] = {
         "attention": Sublayer(r"re:.*\.attn", r"re:.*\.attn\.c_proj"),
         "ffn": Sublayer(r"re:.*\.mlp", r"re:.*\.mlp\.c_proj"),
     },
+    "t5": {
+        "attention": Sublayer(r"re:.*\.SelfAttention", r"re:.*\.SelfAttention\.o"),
+        "ffn": Sublayer(r"re:.*\.DenseReluDense", r"re:.*\.DenseReluDense\.wo"),
+    },
+    "bart": {
+        "attention": Sublayer(
+            r"re:.*layers\.\d+\.self_attn", r"re:.*layers\.\d+\.self_attn\.out_proj"
+        ),
+        "ffn": Sublayer(r"re:.*layers\.\d+\.fc1", r"re:.*layers\.\d+\.fc2"),
+    },
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
@@ -59,3 +69,24 @@ def sublayer(model: nn.Module, at: str) -> Sublayer:
             "`reads` and `writes` patterns"
         )
     return PRESETS[model_type][at]
+
+
+def partner(name: str, candidates: list[str]) -> str | None:
+    """The candidate in the same block as `name`: the one sharing the longest dotted prefix
+    with it, which must reach past the block's index (`encoder.block.3.` is not
+    `decoder.block.3.`)."""
+    parts = name.split(".")
+
+    def shared(other: str) -> int:
+        count = 0
+        for a, b in zip(parts, other.split("."), strict=False):
+            if a != b:
+                break
+            count += 1
+        return count
+
+    best = max(candidates, key=shared, default=None)
+    if best is None:
+        return None
+    common = parts[: shared(best)]
+    return best if any(part.isdigit() for part in common) else None

@@ -18,8 +18,13 @@ import re
 from collections.abc import Callable, Iterable
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from deltacli.errors import DeltacliError
+from deltacli.models import HEAD_NAMES
+
+# Top-level modules that are a task or LM head: never targets of `all-linear`.
+_HEADS = (*HEAD_NAMES, "lm_head")
 
 _INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 
@@ -88,6 +93,30 @@ def minimal_suffixes(chosen: list[str], all_names: Iterable[str]) -> list[str]:
                     suffixes.append(suffix)
                 break
     return suffixes
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear layer storing its weight transposed)."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_targets(
+    model: nn.Module, patterns: list[str] | None, presets: dict[str, list[str]], kind: str
+) -> list[str]:
+    """The linear modules a delta attaches to: `patterns`, `[all-linear]` (every linear layer
+    of the body), or, for null, the preset of the model's architecture."""
+    modules = modules_by_name(model)
+    if patterns == ["all-linear"]:
+        return [n for n, m in modules.items() if is_linear(m) and n.split(".")[0] not in _HEADS]
+    if patterns is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in presets:
+            raise DeltacliError(
+                f"no {kind} target preset for model type {model_type!r}; name the modules, "
+                "e.g. deltas.0.targets=[q_proj,v_proj], or use [all-linear]"
+            )
+        patterns = presets[model_type]
+    return select(modules, patterns, what="linear module", keep=lambda n: is_linear(modules[n]))
 
 
 def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
