@@ -78,7 +78,11 @@ def preview_table(preview: list[dict]) -> Table:
     for column in ("prompt", "before", "after", "reference"):
         table.add_column(column, overflow="fold")
     for row in preview:
-        table.add_row(*(escape(row[key]) for key in ("prompt", "before", "after", "reference")))
+        prompt = " ".join(row["prompt"].split())  # templates are long: their end says most
+        shown = prompt if len(prompt) <= 120 else "…" + prompt[-119:]
+        table.add_row(
+            *(escape(text) for text in (shown, row["before"], row["after"], row["reference"]))
+        )
     return table
 
 
