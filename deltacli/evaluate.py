@@ -83,15 +83,19 @@ def _language_model(model, batches, accelerator, task) -> dict[str, float]:
     """Token-level mean loss and perplexity over the label tokens."""
     sums, counts = [], []
     for batch in batches:
-        logits = model(**batch).logits.float()
         labels = batch["labels"]
-        logits = logits[:, -labels.shape[1] :]  # a prompt delta prepends positions
+        logits = model(**batch).logits[:, -labels.shape[1] :]  # a prompt delta prepends positions
         if task == "causal-lm":
             logits, labels = logits[:, :-1], labels[:, 1:]
-        losses = F.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
+        # Row by row: the vocabulary makes a whole batch's log-probabilities large.
+        losses = torch.stack(
+            [
+                F.cross_entropy(row.float(), target, ignore_index=IGNORE, reduction="sum")
+                for row, target in zip(logits, labels, strict=True)
+            ]
         )
-        gathered = accelerator.gather_for_metrics((losses.sum(1), (labels != IGNORE).sum(1)))
+        gathered = accelerator.gather_for_metrics((losses, (labels != IGNORE).sum(1)))
+        del logits
         sums.append(gathered[0].cpu())
         counts.append(gathered[1].cpu())
     tokens = int(torch.cat(counts).sum())
