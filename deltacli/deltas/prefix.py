@@ -125,7 +125,11 @@ class Prefix(Delta):
         for layer, name in enumerate(attention):
             _FEEDS[modules[name]] = (self, layer)
         self._attention = [modules[name] for name in attention]
-        self._shifts_positions = "position_ids" in inspect.signature(model.forward).parameters
+        # A decoder's prefix is l earlier tokens (PEFT's cache): its tokens count from l. An
+        # encoder's absolute positions stay as pretrained (BERT's [CLS] stays at 0).
+        causal = any(getattr(modules[name], "is_causal", False) for name in attention)
+        accepts = "position_ids" in inspect.signature(model.forward).parameters
+        self._shifts_positions = causal and accepts
         self._hooks = [
             model.register_forward_pre_hook(self._refresh, with_kwargs=True),
             model.register_forward_hook(self._release),
@@ -134,9 +138,9 @@ class Prefix(Delta):
         self.params = {f"prefix_encoder.{n}": p for n, p in encoder.named_parameters()}
 
     def _refresh(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Compute every layer's prefix once per forward pass (through the MLP, if any), and
-        number the real tokens after the prefix, as the prefix's original form (a cache of
-        l earlier tokens) does: positions l, l+1, ... instead of 0, 1, ..."""
+        """Compute every layer's prefix once per forward pass (through the MLP, if any); in a
+        decoder, number the real tokens after the prefix, as the prefix's original form (a
+        cache of l earlier tokens) does: positions l, l+1, ... instead of 0, 1, ..."""
         self._current = self.encoder()
         ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if self._shifts_positions and ids is not None:
