@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from deltacli.recipe import shipped_recipes
+from deltacli.recipe import load_recipe, shipped_recipes
 from measure import add_budget_arguments, budget_overrides, measured
 
 DELTACLI = str(Path(sys.executable).parent / "deltacli")
@@ -29,7 +29,12 @@ DELTACLI = str(Path(sys.executable).parent / "deltacli")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=sorted(shipped_recipes()))
+    classifiers = [
+        name
+        for name, path in sorted(shipped_recipes().items())
+        if load_recipe(path).task == "sequence-classification"
+    ]
+    parser.add_argument("--recipes", nargs="+", default=classifiers)
     add_budget_arguments(parser)
     args = parser.parse_args()
 

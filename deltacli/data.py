@@ -24,8 +24,8 @@ from transformers import (
 )
 
 from deltacli.errors import DeltacliError
+from deltacli.labels import IGNORE
 from deltacli.lm_data import (
-    IGNORE,
     Encoded,
     encode_causal,
     encode_seq2seq,

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from deltacli.build import prepare_model
 from deltacli.data import batches, encode_generative, load_scoring_data, load_table
 from deltacli.errors import DeltacliError
-from deltacli.lm_data import IGNORE, prompts_and_references
+from deltacli.labels import IGNORE
+from deltacli.lm_data import prompts_and_references
 from deltacli.models import config_labels, load_config, load_model, load_tokenizer
 from deltacli.recipe import GENERATIVE, DataConfig
 from deltacli.runtime import make_accelerator

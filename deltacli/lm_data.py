@@ -16,17 +16,13 @@ Formats (`data.format`, detected from the columns by default):
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
 from deltacli.errors import DeltacliError
-
-if TYPE_CHECKING:  # the recipe imports the delta kinds, and the prompt kind imports IGNORE
-    from deltacli.recipe import DataConfig
-
-IGNORE = -100  # the label of a token the loss does not see
+from deltacli.labels import IGNORE
+from deltacli.recipe import DataConfig
 
 ALPACA = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -12,9 +12,11 @@ from rich.table import Table
 from rich.tree import Tree
 
 from deltacli.deltas.targets import collapse_indices
-from deltacli.inspection import DeltaReport, Group, Layer, ModelReport, Node
-from deltacli.merge import MergeReport
-from deltacli.sparsify import SparsifyReport
+
+if TYPE_CHECKING:  # rendering reads reports; it need not import what produces them
+    from deltacli.inspection import DeltaReport, Group, Layer, ModelReport, Node
+    from deltacli.merge import MergeReport
+    from deltacli.sparsify import SparsifyReport
 
 METRIC_NAMES = {
     "accuracy": "accuracy",

@@ -15,7 +15,8 @@ from deltacli.deltas.prefix import PrefixConfig
 from deltacli.deltas.prompt import PromptConfig
 from deltacli.errors import DeltacliError
 from deltacli.evaluate import evaluate, generate
-from deltacli.lm_data import IGNORE, encode_causal, pack
+from deltacli.labels import IGNORE
+from deltacli.lm_data import encode_causal, pack
 from deltacli.merge import merge
 from deltacli.recipe import DataConfig
 from deltacli.store import read_delta, save_delta

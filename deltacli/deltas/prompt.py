@@ -21,7 +21,7 @@ from torch import nn
 
 from deltacli.deltas.base import Delta, DeltaConfig, register
 from deltacli.errors import DeltacliError
-from deltacli.lm_data import IGNORE
+from deltacli.labels import IGNORE
 from deltacli.schema import option
 
 
