@@ -93,11 +93,13 @@ def test_invalid_yaml_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
-def test_every_shipped_recipe_attaches_to_a_bert(name, tiny_bert):
+def test_every_shipped_recipe_attaches_to_a_model_of_its_task(name, tiny_bert, tiny_llama):
     from deltacli.inspection import inspect_model
 
-    recipe = load_recipe(recipe_file(name, None), [f"model={tiny_bert}"])
-    report = inspect_model(str(tiny_bert), recipe)
+    task = load_recipe(recipe_file(name, None)).task
+    model = tiny_bert if task == "sequence-classification" else tiny_llama
+    recipe = load_recipe(recipe_file(name, None), [f"model={model}"])
+    report = inspect_model(str(model), recipe)
     roles = {group.role for group in report.groups}
     assert 0 < report.trainable <= report.total
     assert {d.kind for d in recipe.deltas} <= roles
