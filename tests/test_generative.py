@@ -173,6 +173,67 @@ def test_every_method_learns_pairs_on_a_tiny_t5(tiny_t5, pairs, method):
     loss_goes_down(lm_recipe(tiny_t5, pairs, "seq2seq", T5_METHODS[method], lr=lr))
 
 
+@pytest.fixture(scope="module")
+def other_architectures(tmp_path_factory):
+    """A tiny GPT-2 (causal) and a tiny BART (seq2seq) beside the Llama and T5."""
+    from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel
+
+    folders = {}
+    for name, build in (
+        (
+            "gpt2",
+            lambda size: GPT2LMHeadModel(
+                GPT2Config(
+                    vocab_size=size,
+                    n_embd=32,
+                    n_layer=2,
+                    n_head=2,
+                    n_positions=128,
+                    bos_token_id=2,
+                    eos_token_id=3,
+                )
+            ),
+        ),
+        (
+            "bart",
+            lambda size: BartForConditionalGeneration(
+                BartConfig(
+                    vocab_size=size,
+                    d_model=32,
+                    encoder_layers=2,
+                    decoder_layers=2,
+                    encoder_attention_heads=2,
+                    decoder_attention_heads=2,
+                    encoder_ffn_dim=64,
+                    decoder_ffn_dim=64,
+                    max_position_embeddings=128,
+                    pad_token_id=0,
+                    bos_token_id=2,
+                    eos_token_id=3,
+                    decoder_start_token_id=3,
+                )
+            ),
+        ),
+    ):
+        folder = tmp_path_factory.mktemp(name)
+        tokenizer = word_tokenizer(add_eos=name == "bart")
+        tokenizer.save_pretrained(folder)
+        torch.manual_seed(0)
+        build(len(tokenizer)).save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+@pytest.mark.parametrize(
+    "method", ["lora", "houlsby-adapter", "parallel-adapter", "prefix", "prompt", "ia3"]
+)
+def test_methods_learn_on_gpt2_and_bart_too(other_architectures, instructions, pairs, method):
+    loss_goes_down(
+        lm_recipe(other_architectures["gpt2"], instructions, "causal-lm", LLAMA_METHODS[method])
+    )
+    loss_goes_down(lm_recipe(other_architectures["bart"], pairs, "seq2seq", LLAMA_METHODS[method]))
+
+
 def test_a_combination_that_cannot_work_says_so(tiny_llama, instructions):
     with pytest.raises(DeltacliError, match="the bitfit delta chose no parameters"):
         Trainer(lm_recipe(tiny_llama, instructions, "causal-lm", {"kind": "bitfit"}), console=None)
@@ -198,8 +259,14 @@ def perturbed(recipe):
 
 @pytest.mark.parametrize(
     "delta",
-    [{"kind": "lora", "r": 4}, {"kind": "ia3"}, {"kind": "prompt", "length": 3}],
-    ids=["lora", "ia3", "prompt"],
+    [
+        {"kind": "lora", "r": 4},
+        {"kind": "ia3"},
+        {"kind": "prompt", "length": 3},
+        {"kind": "prefix", "length": 3},
+        {"kind": "prefix", "length": 3, "projection": 8},
+    ],
+    ids=["lora", "ia3", "prompt", "prefix", "prefix-mlp-folded"],
 )
 def test_peft_loads_our_causal_lm_deltas_with_equal_logits(
     tiny_llama, instructions, tmp_path, delta
