@@ -71,12 +71,16 @@ class TunedModel:
     def read(self, name: str) -> torch.Tensor:
         return self.checkpoint.read(name).float()
 
-    def changed(self) -> set[str]:
+    def changed(self, skip: set[str]) -> set[str]:
+        """Tensors the tuning changed, leaving out `skip` (already read for the sparse delta)."""
         return {
             name
             for name in self.checkpoint.keys
-            if name not in self.base.keys
-            or not torch.equal(self.base.read(name), self.checkpoint.read(name))
+            if name not in skip
+            and (
+                name not in self.base.keys
+                or not torch.equal(self.base.read(name), self.checkpoint.read(name))
+            )
         }
 
     def close(self) -> None:
@@ -111,8 +115,8 @@ class TunedDelta:
         changes = self.plan.increments.get(name)
         return apply_increments(before, changes) if changes else before.float()
 
-    def changed(self) -> set[str]:
-        return set(self.plan.increments)
+    def changed(self, skip: set[str]) -> set[str]:
+        return set(self.plan.increments) - skip
 
     def close(self) -> None:
         self.base.close()
@@ -182,7 +186,7 @@ def _sparsify(base, source, output, density, by, targets, overwrite, console) ->
         full_norm += norm**2
     for name in sorted(head):
         tensors[f"base_model.model.{name}"] = source.read(name)
-    dropped = sorted(source.changed() - set(matrices) - head)
+    dropped = sorted(source.changed(skip=set(matrices) | head))
     dropped_norm = sum(float(update(name).norm()) ** 2 for name in dropped)
     sift = {
         "kind": "sift",

@@ -44,6 +44,15 @@ def sentiment_rows(count: int, seed: int) -> list[tuple[str, str]]:
     return rows
 
 
+def randomize_trainable(model: torch.nn.Module, seed: int, std: float = 1.0) -> None:
+    """Draw every trainable tensor at random, so that no comparison passes by accident."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(std=std)
+
+
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
     path.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
     return path

@@ -7,7 +7,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import instruction_rows, lm_recipe, word_tokenizer
+from conftest import instruction_rows, lm_recipe, randomize_trainable, word_tokenizer
 from deltacli.build import prepare_model
 from deltacli.data import load_table
 from deltacli.deltas import attach
@@ -295,11 +295,7 @@ def test_peft_loads_our_causal_lm_deltas_with_equal_logits(
 )
 def test_peft_causal_lm_adapters_load_in_deltacli(tiny_llama, tmp_path, config):
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for param in peft.parameters():
-            if param.requires_grad:
-                param.normal_(std=0.3)
+    randomize_trainable(peft, seed=5, std=0.3)
     peft.eval().save_pretrained(tmp_path)
     saved = read_delta(tmp_path, model=str(tiny_llama))
     assert saved.recipe.task == "causal-lm"

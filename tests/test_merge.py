@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
-from conftest import TINY_BERT, tiny_config
+from conftest import TINY_BERT, randomize_trainable, tiny_config
 from deltacli.build import prepare_model
 from deltacli.deltas.specify import BitFit
 from deltacli.errors import DeltacliError, VerificationError
@@ -74,11 +74,7 @@ def test_peft_lora_merges_to_peft_merge_and_unload_weights(tiny_bert, tmp_path):
     peft_model = get_peft_model(
         AutoModelForSequenceClassification.from_pretrained(tiny_bert), config
     )
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.normal_(std=0.3)
+    randomize_trainable(peft_model, seed=7, std=0.3)
     peft_model.save_pretrained(tmp_path / "adapter")
     expected = (
         PeftModel.from_pretrained(load(tiny_bert), tmp_path / "adapter")

@@ -15,7 +15,7 @@ from peft import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from conftest import tiny_config
+from conftest import randomize_trainable, tiny_config
 from deltacli.build import prepare_model
 from deltacli.deltas import attach
 from deltacli.deltas.prefix import PrefixConfig
@@ -124,11 +124,7 @@ def test_our_delta_loads_in_peft_with_equal_logits(bases, tmp_path, arch, delta)
 )
 def test_peft_adapter_loads_in_deltacli_with_equal_logits(bases, tmp_path, arch, config):
     peft_model = get_peft_model(base_model(bases[arch]), config)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.normal_(std=0.5)
+    randomize_trainable(peft_model, seed=5, std=0.5)
     peft_model.eval().save_pretrained(tmp_path)
     saved = read_delta(tmp_path, model=str(bases[arch]))
     assert saved.source == "peft"
@@ -151,11 +147,7 @@ def test_prefix_layout_is_peft_s(tmp_path, projection):
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, prefix_projection=projection
         ),
     )
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.normal_(std=0.5)
+    randomize_trainable(peft_model, seed=1, std=0.5)
     peft_model.eval().save_pretrained(tmp_path)
     folded = load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"]
     ours = AutoModelForCausalLM.from_config(config).eval()
@@ -177,11 +169,7 @@ def test_peft_adapter_scores_the_same_in_deltacli_eval(tiny_bert, sentiment, tmp
 
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8)
     peft_model = get_peft_model(base_model(tiny_bert), config)
-    torch.manual_seed(6)
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.normal_()
+    randomize_trainable(peft_model, seed=6)
     peft_model.eval().save_pretrained(tmp_path)
 
     rows = [line.split(",") for line in sentiment["eval"].read_text().splitlines()[1:]]

@@ -18,7 +18,7 @@ from torch import nn
 
 from deltacli.deltas.base import Delta, DeltaConfig, register
 from deltacli.deltas.sublayers import partner, sublayer
-from deltacli.deltas.targets import layer_index, modules_by_name, select
+from deltacli.deltas.targets import features, is_linear, layer_index, modules_by_name, select
 from deltacli.errors import DeltacliError
 from deltacli.schema import option
 
@@ -96,7 +96,9 @@ class Adapter(Delta):
                 )
         for name in writes:
             module = modules[name]
-            width = _hidden_width(module)
+            if not is_linear(module):
+                raise DeltacliError(f"adapters write after a linear layer; {name} is not one")
+            width = features(module)[1]
             adapter = Bottleneck(width, config.r, config.activation, next(module.parameters()))
             slot = _free_name(module, "adapter")
             module.add_module(slot, adapter)
@@ -127,13 +129,6 @@ class Adapter(Delta):
         for module, slot in self._owners:
             delattr(module, slot)
         super().detach()
-
-
-def _hidden_width(module: nn.Module) -> int:
-    for attribute in ("out_features", "nf"):
-        if hasattr(module, attribute):
-            return getattr(module, attribute)
-    raise DeltacliError(f"cannot tell the output width of {type(module).__name__}")
 
 
 def _free_name(module: nn.Module, base: str) -> str:

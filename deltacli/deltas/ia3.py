@@ -18,7 +18,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltacli.deltas.base import Delta, DeltaConfig, Increment, register
-from deltacli.deltas.targets import is_linear, minimal_suffixes, modules_by_name, select
+from deltacli.deltas.targets import (
+    features,
+    is_linear,
+    minimal_suffixes,
+    modules_by_name,
+    select,
+)
 from deltacli.errors import DeltacliError
 from deltacli.schema import option
 
@@ -90,10 +96,7 @@ class IA3(Delta):
         self._hooks, self._modules = [], {}
         for name in self.targets:
             module = modules[name]
-            transposed = isinstance(module, Conv1D)
-            in_features, out_features = (
-                module.weight.shape if transposed else (module.in_features, module.out_features)
-            )
+            in_features, out_features = features(module)
             shape = (1, in_features) if name in self.feedforward else (out_features, 1)
             module.ia3_l = nn.Parameter(
                 torch.ones(shape, device=module.weight.device, dtype=module.weight.dtype)

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltacli.deltas.base import Delta, DeltaConfig, Increment, register
-from deltacli.deltas.targets import linear_targets, minimal_suffixes, modules_by_name
+from deltacli.deltas.targets import features, linear_targets, minimal_suffixes, modules_by_name
 from deltacli.errors import DeltacliError
 from deltacli.schema import option
 
@@ -61,13 +61,6 @@ class LoraConfig(DeltaConfig):
             raise DeltacliError(f"lora dropout must be in [0, 1), got {self.dropout}")
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) features; GPT-2's Conv1D stores its weight transposed (fan_in_fan_out)."""
-    if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.weight.shape[1]
-    return module.in_features, module.out_features
-
-
 def _add_low_rank(scaling: float, module: nn.Module, args: tuple, output: torch.Tensor):
     x = args[0]
     update = module.lora_B(module.lora_A(module.lora_dropout(x.to(module.lora_A.weight.dtype))))
@@ -106,7 +99,7 @@ class Lora(Delta):
         self._hooks = []
         for name in self.targets:
             module = modules[name]
-            in_features, out_features = _features(module)
+            in_features, out_features = features(module)
             like = {"device": module.weight.device, "dtype": module.weight.dtype}
             module.lora_A = nn.Linear(in_features, self.config.r, bias=False, **like)
             module.lora_B = nn.Linear(self.config.r, out_features, bias=False, **like)

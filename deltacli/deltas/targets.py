@@ -100,6 +100,13 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def features(module: nn.Module) -> tuple[int, int]:
+    """A linear layer's (in, out) features; Conv1D stores its weight as (in, out)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
 def linear_targets(
     model: nn.Module, patterns: list[str] | None, presets: dict[str, list[str]], kind: str
 ) -> list[str]:
