@@ -103,7 +103,7 @@ def run_reference(model: Path, method: str, steps: int) -> dict:
 
     rec = recipe(model, method, steps)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    data = load_task_data(rec.data, rec.task, tokenizer, rec.train.seed)
+    data = load_task_data(rec.data, rec.task_entry, tokenizer, rec.train.seed)
     torch.manual_seed(rec.train.seed)
     net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     net.config.use_cache = False
@@ -119,7 +119,8 @@ def run_reference(model: Path, method: str, steps: int) -> dict:
         net = get_peft_model(net, configs[method]())
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=rec.train.lr)
-    loader = batches(data.train, tokenizer, rec.train.batch_size, True, rec.train.seed)
+    collate = rec.task_entry.collate(tokenizer, data.train)
+    loader = batches(data.train, collate, rec.train.batch_size, True, rec.train.seed)
     samples, seconds, step = 0, 0.0, 0
     net.train()
     while step < steps:

@@ -28,12 +28,18 @@ def prepare_model(recipe: Recipe, meta: bool = False) -> tuple[nn.Module, DeltaS
     return model, attach_recipe(model, recipe)
 
 
+def check_attaches(recipe: Recipe) -> None:
+    """Attach the recipe's deltas to its model on the meta device: a target that matches
+    nothing fails in a second, before any data is tokenised or weight read."""
+    prepare_model(recipe, meta=True)
+
+
 def resolved_recipe(saved: SavedDelta) -> Recipe:
     """The saved delta's recipe with its labels known.
 
     PEFT adapters carry no label names; the saved head's output rows say how many labels the
     model has, so a 3-way classifier is rebuilt as one."""
-    if saved.recipe.data.labels is not None or saved.recipe.task != "sequence-classification":
+    if saved.recipe.data.labels is not None or saved.recipe.task_entry.generative:
         return saved.recipe
     model, deltas = prepare_model(saved.recipe, meta=True)
     if deltas.head is None:

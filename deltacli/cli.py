@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -94,12 +94,12 @@ def train(
     from deltacli.render import preview_table, train_summary
     from deltacli.trainer import train as run_training
 
-    extra = [f"model={model}"] if model else []
+    settings: dict[str, str | None] = {"model": model} if model else {}
     if data:
-        extra += [f"data.train={data}", f"data.eval={eval_data or 'null'}"]
+        settings |= {"data.train": data, "data.eval": eval_data}
     elif eval_data:
-        extra.append(f"data.eval={eval_data}")
-    resolved = load_recipe(recipe_file(method, recipe), [*extra, *(overrides or [])])
+        settings["data.eval"] = eval_data
+    resolved = load_recipe(recipe_file(method, recipe), overrides or [], settings)
     if mask:
         resolved = with_mask(resolved, mask)
     result = run_training(resolved, output, overwrite, console=err)
@@ -179,7 +179,8 @@ def inspect(
     method: Method = None,
     recipe: RecipeFile = None,
     by: Annotated[
-        str, typer.Option(help="Break the counts down by `module` type or by `layer`.")
+        Literal["module", "layer"],
+        typer.Option(help="Break the counts down by module type or by layer."),
     ] = "module",
     tree: Annotated[bool, typer.Option(help="Also show the module tree, layers folded.")] = False,
     json: Json = False,
@@ -188,8 +189,8 @@ def inspect(
 
     Models are built on the meta device, so no weight is read and any size answers at once.
     """
-    from deltacli.inspection import inspect_delta, inspect_model
-    from deltacli.recipe import load_recipe, recipe_file
+    from deltacli.inspection import inspect_delta, inspect_model, recipe_for_model
+    from deltacli.recipe import recipe_file
     from deltacli.render import delta_report, model_report, print_json
     from deltacli.store import is_delta_dir
 
@@ -199,11 +200,7 @@ def inspect(
     else:
         resolved = None
         if method or recipe or overrides:
-            resolved = load_recipe(
-                recipe_file(method, recipe), [f"model={target}", *(overrides or [])]
-            )
-        if by not in ("module", "layer"):
-            raise DeltacliError(f"--by must be module or layer, got {by!r}")
+            resolved = recipe_for_model(recipe_file(method, recipe), target, overrides or [])
         report = inspect_model(target, resolved)
         tables = model_report(report, by=by, tree=tree)
     if json:
@@ -255,7 +252,8 @@ def merge(
         ),
     ],
     dtype: Annotated[
-        str, typer.Option(help="Dtype of the merged weights: same, bf16, fp16 or fp32.")
+        Literal["same", "bf16", "fp16", "fp32"],
+        typer.Option(help="Dtype of the merged weights (same: the base's)."),
     ] = "same",
     weights: Annotated[
         str | None, typer.Option(help="Comma-separated weight per delta, e.g. 0.5,0.5.")
@@ -329,7 +327,8 @@ def sparsify(
     ],
     density: Annotated[float, typer.Option(help="Share of each targeted matrix to keep.")] = 0.01,
     by: Annotated[
-        str, typer.Option(help="Keep the top entries per `matrix` or over all of them (`global`).")
+        Literal["matrix", "global"],
+        typer.Option(help="Keep the top entries per matrix or over all of them (global)."),
     ] = "matrix",
     targets: Annotated[
         str | None,
@@ -359,25 +358,17 @@ def sparsify(
     kept dense. Reads both checkpoints tensor by tensor.
     """
     from deltacli.render import print_json, sparsify_summary
-    from deltacli.sparsify import masks_from_gradients
+    from deltacli.sparsify import mask_recipe, masks_from_gradients
     from deltacli.sparsify import sparsify as run_sparsify
 
     patterns = targets.split(",") if targets else None
     if from_gradients:
         if len(paths) != 1:
             raise DeltacliError("with --from-gradients give only OUT")
-        from deltacli.recipe import load_recipe, recipe_file
-
-        overrides = [
-            f"model={model}", f"data.train={data}", "data.eval=null",
-            f"deltas.0.density={density}", f"deltas.0.select_batches={batches}",
-            "deltas.0.select=gradient", f"deltas.0.targets={patterns or 'null'}",
-            *([f"data.text={text}"] if text else []),
-            *([f"data.label={label}"] if label else []),
-        ]  # fmt: skip
-        shares = masks_from_gradients(
-            load_recipe(recipe_file("sift", None), overrides), Path(paths[0]), overwrite
+        recipe = mask_recipe(
+            model, data, density, batches, patterns, {"text": text, "label": label}
         )
+        shares = masks_from_gradients(recipe, Path(paths[0]), overwrite)
         if json:
             print_json(out, shares)
         else:

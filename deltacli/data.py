@@ -3,7 +3,8 @@
 Data comes from a local csv/tsv/json/jsonl/parquet file, a sample bundled with deltacli
 (`sst2:train`, `sst2:validation`, `sst2_instruct:train` ...), or a Hub dataset
 `NAME[:SPLIT]`. The `datasets` library does the reading; this module adds the checks that turn
-a wrong column or path into one line. Generative tasks encode through `lm_data`.
+a wrong column or path into one line, and encodes classification data (generative tasks
+encode through `lm_data`; the task registry says which is which).
 """
 
 from __future__ import annotations
@@ -11,27 +12,20 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.resources
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import torch
 from torch.utils.data import DataLoader
-from transformers import (
-    DataCollatorForSeq2Seq,
-    DataCollatorWithPadding,
-    PreTrainedTokenizerBase,
-    default_data_collator,
-)
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from deltacli.errors import DeltacliError
-from deltacli.labels import IGNORE
-from deltacli.lm_data import (
-    Encoded,
-    encode_causal,
-    encode_seq2seq,
-    prompts_and_references,
-)
-from deltacli.recipe import GENERATIVE, DataConfig
+from deltacli.settings import DataConfig
+
+if TYPE_CHECKING:  # the registry passes itself in; data need not import it
+    from deltacli.tasks import Task
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
@@ -85,13 +79,21 @@ def _read_file(path: Path) -> datasets.Dataset:
 
 
 @dataclasses.dataclass
+class Encoded:
+    """A tokenised table, and how many of its examples were cut at `data.max_length`."""
+
+    table: datasets.Dataset
+    truncated: int
+
+
+@dataclasses.dataclass
 class TaskData:
     """Tokenised train and eval sets, and the label values in id order (classification)."""
 
     train: datasets.Dataset
     eval: datasets.Dataset
     labels: list | None
-    truncated: int = 0  # generative examples cut at max_length
+    truncated: int = 0  # examples cut at max_length
     prompts: list[tuple[str, str]] = dataclasses.field(
         default_factory=list
     )  # eval (prompt, reference)
@@ -99,12 +101,13 @@ class TaskData:
 
 def load_task_data(
     config: DataConfig,
-    task: str,
+    task: Task,
     tokenizer: PreTrainedTokenizerBase,
     seed: int,
     mask_prompt: bool = True,
 ) -> TaskData:
-    """Everything training needs from the data section of a recipe."""
+    """Everything training needs from the data section of a recipe: the tables, split when
+    there is no eval set, then encoded as the task encodes them."""
     train = load_table(config.train, config.hub_config)
     if config.eval:
         evaluation = load_table(config.eval, config.hub_config)
@@ -113,53 +116,42 @@ def load_task_data(
         train, evaluation = split["train"], split["test"]
     if config.max_train_rows is not None:
         train = train.select(range(min(config.max_train_rows, len(train))))
-    if task in GENERATIVE:
-        train_encoded = encode_generative(train, tokenizer, config, task, mask_prompt)
-        unpacked = dataclasses.replace(config, packing=False)
-        eval_encoded = encode_generative(evaluation, tokenizer, unpacked, task, mask_prompt)
-        truncated = train_encoded.truncated + eval_encoded.truncated
-        prompts = _safe_prompts(evaluation, unpacked, tokenizer, task)
-        return TaskData(train_encoded.table, eval_encoded.table, None, truncated, prompts)
+    return task.prepare(train, evaluation, config, tokenizer, mask_prompt)
+
+
+def prepare_classes(
+    train: datasets.Dataset,
+    evaluation: datasets.Dataset,
+    config: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    mask_prompt: bool,
+) -> TaskData:
+    """Classification: label ids from the training labels (sorted) unless the recipe fixes
+    them, the same mapping for the eval set."""
     train = _with_columns(train, config, config.train)
     evaluation = _with_columns(evaluation, config, config.eval or config.train)
     labels = config.labels or label_values(train, config.label)
+    encoded = [
+        encode(table, tokenizer, config, labels, source)
+        for table, source in ((train, config.train), (evaluation, config.eval or config.train))
+    ]
     return TaskData(
-        train=encode(train, tokenizer, config, labels, config.train),
-        eval=encode(evaluation, tokenizer, config, labels, config.eval or config.train),
+        train=encoded[0].table,
+        eval=encoded[1].table,
         labels=labels,
+        truncated=encoded[0].truncated + encoded[1].truncated,
     )
 
 
-def _safe_prompts(table, config, tokenizer, task) -> list[tuple[str, str]]:
-    """Eval prompts with references, where the format has them (plain text has none)."""
-    try:
-        return prompts_and_references(table, config, tokenizer, task)
-    except DeltacliError:
-        return []
-
-
-def encode_generative(
-    table: datasets.Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    config: DataConfig,
-    task: str,
-    mask_prompt: bool = True,
-) -> Encoded:
-    """Token ids and labels of a causal-lm or seq2seq table."""
-    if task == "causal-lm":
-        return encode_causal(table, tokenizer, config, mask_prompt)
-    return encode_seq2seq(table, tokenizer, config)
-
-
-def load_scoring_data(
-    spec: str, config: DataConfig, tokenizer: PreTrainedTokenizerBase
+def classes_for_scoring(
+    table: datasets.Dataset, config: DataConfig, tokenizer: PreTrainedTokenizerBase, source: str
 ) -> tuple[datasets.Dataset, list]:
     """One tokenised table to score a trained model on, and the labels in id order: the
     model's (`config.labels`) or, for a model that saved none (a PEFT adapter), the sorted
     values found in the table."""
-    table = _with_columns(load_table(spec, config.hub_config), config, spec)
+    table = _with_columns(table, config, source)
     labels = config.labels or label_values(table, config.label)
-    return encode(table, tokenizer, config, labels, spec), labels
+    return encode(table, tokenizer, config, labels, source).table, labels
 
 
 def _with_columns(table: datasets.Dataset, config: DataConfig, source: str) -> datasets.Dataset:
@@ -208,7 +200,7 @@ def encode(
     config: DataConfig,
     labels: list,
     source: str,
-) -> datasets.Dataset:
+) -> Encoded:
     """Token ids, attention masks and label ids; the text columns are dropped."""
     ids = {label: i for i, label in enumerate(labels)}
     ids.update({str(label): i for i, label in enumerate(labels)})
@@ -229,25 +221,26 @@ def encode(
         encoded["labels"] = [label_id(v) for v in batch[config.label]]
         return encoded
 
-    return table.map(tokenize, batched=True, remove_columns=table.column_names, keep_in_memory=True)
+    encoded = table.map(
+        tokenize, batched=True, remove_columns=table.column_names, keep_in_memory=True
+    )
+    return Encoded(encoded, 0)
+
+
+def pad_classes(tokenizer: PreTrainedTokenizerBase, table: datasets.Dataset) -> Callable:
+    """Classification batches: token ids padded to the longest example of the batch."""
+    return DataCollatorWithPadding(tokenizer)
 
 
 def batches(
     table: datasets.Dataset,
-    tokenizer: PreTrainedTokenizerBase,
+    collate: Callable,
     batch_size: int,
     shuffle: bool,
     seed: int = 0,
 ) -> DataLoader:
-    """Dynamically padded batches of an encoded table (labels padded with -100 where they
-    are token sequences; packed rows are all one length)."""
+    """Batches of an encoded table, padded by `collate` (the task's collator)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    if "position_ids" in table.column_names:
-        collate = default_data_collator
-    elif isinstance(table.features.get("labels"), datasets.Sequence | datasets.List):
-        collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
-    else:
-        collate = DataCollatorWithPadding(tokenizer)
     return DataLoader(
         table, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate
     )

@@ -1,112 +1,40 @@
-"""Scoring a classifier: batch inference under accelerate and the metrics of the task."""
+"""Scoring base model + delta, or a whole model: batch inference under accelerate, the
+task's metrics, and generations beside their references."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from deltacli.build import prepare_model
-from deltacli.data import batches, encode_generative, load_scoring_data, load_table
+from deltacli.data import batches, load_table
 from deltacli.errors import DeltacliError
-from deltacli.labels import IGNORE
-from deltacli.lm_data import prompts_and_references
 from deltacli.models import config_labels, load_config, load_model, load_tokenizer
-from deltacli.recipe import GENERATIVE, DataConfig
 from deltacli.runtime import make_accelerator
+from deltacli.settings import DataConfig
 from deltacli.store import read_delta
-
-
-def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy, macro-F1 and Matthews correlation (multi-class, Gorodkin's form).
-
-    Macro-F1 averages over the classes present in the labels or the predictions, as
-    scikit-learn does.
-    """
-    classes = int(max(predictions.max(), labels.max())) + 1
-    confusion = torch.zeros(classes, classes, dtype=torch.float64)
-    confusion.index_put_((labels, predictions), torch.ones_like(labels, dtype=torch.float64), True)
-    total = confusion.sum()
-    correct = confusion.trace()
-    true_counts, predicted_counts = confusion.sum(1), confusion.sum(0)
-    tp = confusion.diag()
-    f1_denominator = true_counts + predicted_counts
-    present = f1_denominator > 0
-    f1 = 2 * tp[present] / f1_denominator[present]
-    covariance = correct * total - (true_counts * predicted_counts).sum()
-    spread = (total**2 - (predicted_counts**2).sum()) * (total**2 - (true_counts**2).sum())
-    mcc = covariance / spread.sqrt() if spread > 0 else torch.tensor(0.0)
-    return {
-        "accuracy": float(correct / total),
-        "macro_f1": float(f1.mean()),
-        "mcc": float(mcc),
-    }
+from deltacli.tasks import DEFAULT, Task
+from deltacli.tasks import task as task_entry
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    batches: DataLoader,
-    accelerator: Accelerator,
-    task: str = "sequence-classification",
+    model: nn.Module, batches: DataLoader, accelerator: Accelerator, task: Task
 ) -> dict[str, float]:
     """The task's metrics over every example, gathered from all processes (duplicates that
     pad the last batch across processes are dropped)."""
     was_training = model.training
     model.eval()
     try:
-        score = _classification if task == "sequence-classification" else _language_model
-        return score(model, batches, accelerator, task)
+        return task.score(model, batches, accelerator)
     finally:
         model.train(was_training)
-
-
-def _classification(model, batches, accelerator, task) -> dict[str, float]:
-    predictions, labels, losses = [], [], []
-    for batch in batches:
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        gathered = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
-        for store, value in zip((predictions, labels, losses), gathered, strict=True):
-            store.append(value.cpu())
-    metrics = classification_metrics(torch.cat(predictions), torch.cat(labels))
-    return {"loss": float(torch.cat(losses).mean()), **metrics, "examples": len(torch.cat(labels))}
-
-
-def _language_model(model, batches, accelerator, task) -> dict[str, float]:
-    """Token-level mean loss and perplexity over the label tokens."""
-    sums, counts = [], []
-    for batch in batches:
-        labels = batch["labels"]
-        logits = model(**batch).logits[:, -labels.shape[1] :]  # a prompt delta prepends positions
-        if task == "causal-lm":
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        # Row by row: the vocabulary makes a whole batch's log-probabilities large.
-        losses = torch.stack(
-            [
-                F.cross_entropy(row.float(), target, ignore_index=IGNORE, reduction="sum")
-                for row, target in zip(logits, labels, strict=True)
-            ]
-        )
-        gathered = accelerator.gather_for_metrics((losses, (labels != IGNORE).sum(1)))
-        del logits
-        sums.append(gathered[0].cpu())
-        counts.append(gathered[1].cpu())
-    tokens = int(torch.cat(counts).sum())
-    loss = float(torch.cat(sums).sum() / max(tokens, 1))
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "tokens": tokens,
-        "examples": len(torch.cat(counts)),
-    }
 
 
 @torch.no_grad()
@@ -185,22 +113,19 @@ def score_delta(
     recipe = saved.recipe
     data_config = _with_columns(recipe.data, columns)
     tokenizer = load_tokenizer(recipe.model)
-    if recipe.task in GENERATIVE:
-        table = load_table(data, data_config.hub_config)
-        unpacked = dataclasses.replace(data_config, packing=False)
-        encoded = encode_generative(table, tokenizer, unpacked, recipe.task)
-        base, deltas = prepare_model(recipe)
-        saved.load_into(deltas)
-        metrics = _score(base, tokenizer, encoded.table, batch_size, recipe.task)
-        if generation is not None:
-            pairs = prompts_and_references(table, unpacked, tokenizer, recipe.task)
-            metrics |= generation.run(base, tokenizer, pairs)
-        return metrics
-    table, labels = load_scoring_data(data, data_config, tokenizer)
+    task = recipe.task_entry
+    table = load_table(data, data_config.hub_config)
+    encoded, labels = task.for_scoring(table, data_config, tokenizer, data)
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(data_config, labels=labels))
     base, deltas = prepare_model(recipe)
     saved.load_into(deltas)
-    return _score(base, tokenizer, table, batch_size)
+    metrics = _score(base, tokenizer, encoded, batch_size, task)
+    if generation is not None:
+        if task.prompts is None:
+            raise DeltacliError(f"--generate needs a generative task; this delta is {task.name}")
+        unpacked = dataclasses.replace(data_config, packing=False)
+        metrics |= generation.run(base, tokenizer, task.prompts(table, unpacked, tokenizer))
+    return metrics
 
 
 @dataclasses.dataclass
@@ -232,7 +157,7 @@ def score_model(
     data: str,
     columns: dict[str, str | None] | None = None,
     batch_size: int = 64,
-    task: str = "sequence-classification",
+    task: str = DEFAULT,
     tokenizer_from: str | None = None,
 ) -> dict[str, float]:
     """Score a whole model directory (e.g. a fully fine-tuned or merged one) on `data`, with
@@ -241,17 +166,19 @@ def score_model(
     labels = config_labels(config)
     data_config = _with_columns(DataConfig(labels=labels), columns)
     tokenizer = load_tokenizer(tokenizer_from or folder)
-    table, _ = load_scoring_data(data, data_config, tokenizer)
-    return _score(load_model(folder, task, labels), tokenizer, table, batch_size)
+    entry = task_entry(task)
+    encoded, _ = entry.for_scoring(
+        load_table(data, data_config.hub_config), data_config, tokenizer, data
+    )
+    return _score(load_model(folder, task, labels), tokenizer, encoded, batch_size, entry)
 
 
 def _with_columns(config: DataConfig, columns: dict[str, str | None] | None) -> DataConfig:
     return dataclasses.replace(config, **{k: v for k, v in (columns or {}).items() if v})
 
 
-def _score(
-    model: nn.Module, tokenizer, table, batch_size: int, task: str = "sequence-classification"
-) -> dict[str, float]:
+def _score(model: nn.Module, tokenizer, table, batch_size: int, task: Task) -> dict[str, float]:
     accelerator = make_accelerator()
-    model, loader = accelerator.prepare(model, batches(table, tokenizer, batch_size, False))
+    loader = batches(table, task.collate(tokenizer, table), batch_size, False)
+    model, loader = accelerator.prepare(model, loader)
     return evaluate(model, loader, accelerator, task)

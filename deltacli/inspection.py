@@ -14,11 +14,13 @@ from torch import nn
 
 from deltacli.build import attach_recipe, parameter_counts
 from deltacli.deltas import DeltaSet
+from deltacli.deltas.base import PEFT_PREFIX
 from deltacli.deltas.targets import collapse_indices, layer_index
 from deltacli.errors import DeltacliError
-from deltacli.models import build_on_meta
-from deltacli.recipe import Recipe, recipe_to_dict
+from deltacli.models import build_on_meta, saved_task
+from deltacli.recipe import Recipe, load_recipe, recipe_to_dict
 from deltacli.store import SavedDelta, read_delta
+from deltacli.tasks import DEFAULT
 
 
 @dataclasses.dataclass
@@ -83,8 +85,9 @@ class DeltaReport:
 
 
 def inspect_model(model_spec: str, recipe: Recipe | None) -> ModelReport:
-    """Counts for `model_spec` as is, or with `recipe`'s deltas attached, on the meta device."""
-    task = recipe.task if recipe else "sequence-classification"
+    """Counts for `model_spec` as is, or with `recipe`'s deltas attached, on the meta device.
+    Without a recipe the model is built for the task its config was saved for."""
+    task = recipe.task if recipe else (saved_task(model_spec) or DEFAULT)
     labels = recipe.data.labels if recipe else None
     model = build_on_meta(model_spec, task, labels)
     roles = _roles(attach_recipe(model, recipe)) if recipe else {}
@@ -102,13 +105,24 @@ def inspect_model(model_spec: str, recipe: Recipe | None) -> ModelReport:
     )
 
 
+def recipe_for_model(file: Path, model_spec: str, overrides: list[str]) -> Recipe:
+    """The recipe in `file`, applied to `model_spec` for the task its config was saved for
+    (a `LlamaForCausalLM` is counted with its LM head, not a new classifier); an explicit
+    `task=` override still wins."""
+    settings = {"model": model_spec}
+    task = saved_task(model_spec)
+    if task is not None:
+        settings["task"] = task
+    return load_recipe(file, overrides, settings)
+
+
 def inspect_delta(folder: Path) -> DeltaReport:
     """A saved delta's methods, size and figures. Where its base model's config can be read,
     tensors are named as in the model and labelled with the delta that owns them."""
     saved = read_delta(folder)
     names, roles, densities = _model_names(saved)
     params = {
-        names.get(key, key.removeprefix("base_model.model.")): tensor
+        names.get(key, key.removeprefix(PEFT_PREFIX)): tensor
         for key, tensor in saved.tensors.items()
     }
     return DeltaReport(

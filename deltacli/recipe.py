@@ -9,91 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from deltacli.deltas import DeltaConfig, kind_class
 from deltacli.errors import DeltacliError, did_you_mean
 from deltacli.schema import build, option, to_dict
+from deltacli.settings import DataConfig, TrainConfig
+from deltacli.tasks import DEFAULT, TASKS, Task, task
 
-Task = Literal["sequence-classification", "causal-lm", "seq2seq"]
-GENERATIVE = ("causal-lm", "seq2seq")
-Metric = Literal["auto", "accuracy", "macro_f1", "mcc", "loss"]
-
-
-def _positive(path: str, value: float) -> None:
-    if value <= 0:
-        raise DeltacliError(f"{path} must be positive, got {value}")
-
-
-@dataclasses.dataclass
-class DataConfig:
-    train: str = option(
-        "sst2:train",
-        "training data: a csv/tsv/json/jsonl/parquet file, a bundled sample (sst2:train) "
-        "or a Hub dataset NAME[:SPLIT]",
-    )
-    eval: str | None = option(
-        "sst2:validation", "evaluation data, same forms; null: hold out eval_fraction of train"
-    )
-    eval_fraction: float = option(0.1, "share of train held out for evaluation when eval is null")
-    hub_config: str | None = option(None, "configuration name of a Hub dataset (e.g. sst2)")
-    text: str = option("sentence", "column holding the text (seq2seq: the source)")
-    text_pair: str | None = option(None, "column holding the second text of sentence pairs")
-    label: str = option("label", "column holding the label")
-    target: str = option("target", "seq2seq: column holding the target text")
-    format: Literal["auto", "alpaca", "chat", "text"] = option(
-        "auto", "causal-lm records: alpaca, chat (messages) or text; auto: from the columns"
-    )
-    packing: bool = option(False, "causal-lm: pack examples into rows of max_length tokens")
-    labels: list[int | str] | None = option(
-        None, "label values in id order; null: the sorted values found in the training data"
-    )
-    max_length: int = option(128, "tokens per example; longer examples are truncated")
-    max_train_rows: int | None = option(None, "train on the first N rows only; null: all")
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise DeltacliError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        _positive("data.max_length", self.max_length)
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    epochs: float = option(3.0, "passes over the training data")
-    max_steps: int | None = option(None, "stop after this many optimizer steps; null: epochs")
-    batch_size: int = option(32, "examples per step and process, before accumulation")
-    eval_batch_size: int = option(64, "examples per evaluation batch")
-    grad_accum: int = option(1, "batches whose gradients add up to one optimizer step")
-    lr: float = option(5.0e-4, "peak learning rate of AdamW")
-    weight_decay: float = option(0.01, "AdamW weight decay, applied to matrices only")
-    warmup_ratio: float = option(0.06, "share of steps spent warming the learning rate up")
-    max_grad_norm: float | None = option(1.0, "clip the gradient norm to this; null: no clipping")
-    seed: int = option(42, "seed for initialisation, shuffling and dropout")
-    log_every: int = option(10, "optimizer steps between lines of metrics.jsonl")
-    keep_best: bool = option(True, "save the epoch with the best eval metric, not the last")
-    best_metric: Metric = option(
-        "auto", "metric that picks the best epoch; auto: accuracy, or loss for generation"
-    )
-    mask_prompt: bool = option(True, "causal-lm: the loss sees only the responses")
-    gradient_checkpointing: bool = option(False, "recompute activations to save memory")
-    preview: int = option(0, "generative tasks: show this many eval generations before/after")
-    mixed_precision: Literal["no", "bf16", "fp16"] = option(
-        "no", "autocast precision passed to accelerate (GPU; the CPU runs fp32)"
-    )
-    cpu: bool = option(False, "train on the CPU even where an accelerator is present")
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "lr", "log_every"):
-            _positive(f"train.{name}", getattr(self, name))
-        if self.max_steps is not None:
-            _positive("train.max_steps", self.max_steps)
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise DeltacliError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.preview < 0:
-            raise DeltacliError(f"train.preview must be 0 or more, got {self.preview}")
+# A `#` at the start or after a space begins a YAML comment (`data.text=#1 String`).
+_YAML_COMMENT = re.compile(r"(^|\s)#")
 
 
 @dataclasses.dataclass
@@ -102,7 +31,7 @@ class Recipe:
     model: str = option(
         "default", "a local Hugging Face directory, a Hub id, or `default` (the embedded model)"
     )
-    task: Task = option("sequence-classification", "what the model learns to do")
+    task: str = option(DEFAULT, f"what the model learns to do: {', '.join(TASKS)}")
     head: bool = option(True, "train the task head (e.g. `classifier`) beside the deltas")
     data: DataConfig = option(DataConfig(), "where the examples come from")
     deltas: list[DeltaConfig] = option([], "the deltas to attach, in order; they compose")
@@ -111,11 +40,19 @@ class Recipe:
     def __post_init__(self) -> None:
         if not self.deltas:
             raise DeltacliError("the recipe lists no deltas; add one, e.g. deltas: [{kind: lora}]")
-        generative = self.task in GENERATIVE
+        entry = task(self.task)
         if self.train.best_metric == "auto":
-            self.train.best_metric = "loss" if generative else "accuracy"
-        if generative and self.train.best_metric != "loss":
-            raise DeltacliError(f"train.best_metric for {self.task} must be loss (or auto)")
+            self.train.best_metric = entry.metrics[0]
+        elif self.train.best_metric not in entry.metrics:
+            raise DeltacliError(
+                f"train.best_metric for {self.task} must be one of {', '.join(entry.metrics)} "
+                f"(or auto); got {self.train.best_metric!r}"
+            )
+
+    @property
+    def task_entry(self) -> Task:
+        """The registry's entry for this recipe's task."""
+        return task(self.task)
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -143,8 +80,11 @@ def recipe_file(method: str | None, path: Path | None) -> Path:
     return shipped[method]
 
 
-def load_recipe(file: Path, overrides: list[str] = ()) -> Recipe:
-    """The validated recipe in `file` with `key=value` overrides applied."""
+def load_recipe(
+    file: Path, overrides: list[str] = (), settings: dict[str, Any] | None = None
+) -> Recipe:
+    """The validated recipe in `file` with typed `settings` (dotted key -> value, from
+    command-line options) and then `key=value` text overrides applied."""
     try:
         raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
@@ -152,6 +92,8 @@ def load_recipe(file: Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(raw, dict):
         raise DeltacliError(f"{file} must hold a mapping of recipe keys")
     raw.setdefault("name", file.stem)
+    for key, value in (settings or {}).items():
+        set_value(raw, key, value)
     for override in overrides:
         apply_override(raw, override)
     return parse_recipe(raw)
@@ -177,10 +119,21 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise DeltacliError(f"override {override!r} must look like key=value, e.g. train.lr=1e-4")
+    if _YAML_COMMENT.search(text):
+        raise DeltacliError(
+            f"in {override!r}, YAML reads everything from '#' on as a comment; to set the "
+            f"text, quote it: '{key}=\"{text}\"'"
+        )
     try:
         value = yaml.safe_load(text) if text else None
     except yaml.YAMLError:
         value = text
+    set_value(raw, key, value)
+
+
+def set_value(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted `key` of the raw recipe to `value` as it is (no parsing): what typed
+    command-line options use, so a path or a pattern arrives exactly as typed."""
     *parents, last = key.split(".")
     node: Any = raw
     walked = []

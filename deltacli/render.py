@@ -77,7 +77,7 @@ def preview_table(preview: list[dict]) -> Table:
     table = Table(
         title="generations before and after training", title_justify="left", show_lines=True
     )
-    for column in ("prompt", "before", "after", "reference"):
+    for column in preview[0] if preview else ():  # prompt, before, after, reference
         table.add_column(column, overflow="fold")
     for row in preview:
         prompt = " ".join(row["prompt"].split())  # templates are long: their end says most

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union
@@ -21,13 +22,53 @@ from deltacli.errors import DeltacliError
 T = TypeVar("T")
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and the one line of help `deltacli recipes` shows."""
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Where a number may lie: `low` and `high` are bounds (None: unbounded), each inclusive
+    unless marked open. Written as the error message reads: "in [0, 1)", "at least 1"."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            if self.low == 0 and self.low_open:
+                return "positive"
+            return f"{'more than' if self.low_open else 'at least'} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_ONE = Range(1)
+NOT_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+DENSITY = Range(0, 1, low_open=True)  # (0, 1]
+
+
+def option(default: Any, help: str, within: Range | None = None) -> Any:
+    """A dataclass field with a default, the one line of help `deltacli recipes` shows, and
+    optionally the range its number must lie in (checked by `check_ranges`)."""
+    metadata = {"help": help, "within": within}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return dataclasses.field(
-            default_factory=lambda: copy.deepcopy(default), metadata={"help": help}
-        )
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_ranges(obj: Any, path: str) -> None:
+    """Every numeric field of dataclass `obj` within the range its `option` gives; `path`
+    names it in the message (`train.lr must be positive, got 0.0`)."""
+    for field in dataclasses.fields(obj):
+        within, value = field.metadata.get("within"), getattr(obj, field.name)
+        if within is not None and value is not None and value not in within:
+            raise DeltacliError(f"{path}{field.name} must be {within}, got {value}")
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -106,11 +147,17 @@ def _scalar(value: Any, hint: Any, path: str) -> Any:
     if hint is int and is_number and float(value).is_integer():
         return int(value)
     if hint is float and is_number:
-        return float(value)
+        return _finite(float(value), path)
     if hint in (int, float) and isinstance(value, str):
         with contextlib.suppress(ValueError):
-            return hint(value)
+            return _finite(hint(value), path)
     raise DeltacliError(f"{path} must be {_hint_name(hint)}, got {value!r}")
+
+
+def _finite(value: float, path: str) -> float:
+    if not math.isfinite(value):
+        raise DeltacliError(f"{path} must be a finite number, got {value}")
+    return value
 
 
 def to_dict(obj: Any) -> Any:

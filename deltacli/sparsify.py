@@ -18,19 +18,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import Progress
 
+from deltacli.build import prepare_model
 from deltacli.checkpoint import Checkpoint
-from deltacli.deltas.sift import sift_targets
+from deltacli.data import batches, load_task_data
+from deltacli.deltas.sift import SiftConfig, increment, sift_targets
 from deltacli.deltas.targets import minimal_suffixes, modules_by_name
 from deltacli.errors import DeltacliError
 from deltacli.evaluate import score_delta, score_model
 from deltacli.merge import Plan, apply_increments, plan_increments
-from deltacli.models import build_on_meta, config_labels, head_modules, load_config, local_dir
-from deltacli.recipe import Recipe, parse_recipe
+from deltacli.models import (
+    build_on_meta,
+    config_labels,
+    head_modules,
+    load_config,
+    load_tokenizer,
+    local_dir,
+)
+from deltacli.recipe import Recipe
+from deltacli.runtime import make_accelerator
+from deltacli.schema import DENSITY
+from deltacli.settings import DataConfig
 from deltacli.store import atomic_dir, check_output, is_delta_dir, read_delta, write_delta
-from deltacli.trainer import Trainer
+from deltacli.tasks import DEFAULT
 
 _BUCKETS = 1 << 16  # |Δ| histogram buckets: the top 16 bits of a float32
 
@@ -63,7 +76,7 @@ class TunedModel:
 
     def __init__(self, folder: Path, base: Path) -> None:
         self.labels = config_labels(load_config(str(folder)))
-        self.task = "sequence-classification"
+        self.task = DEFAULT
         self.model = build_on_meta(str(folder), self.task, self.labels)
         self.checkpoint = Checkpoint(folder, self.model)
         self.base = Checkpoint(base, self.model)
@@ -100,11 +113,12 @@ class TunedDelta:
             saved.recipe.data.labels,
         )
         self.base = Checkpoint(base, self.model)
-        kinds = sorted({delta.kind for delta in saved.recipe.deltas})
+        kinds = ", ".join(sorted({delta.kind for delta in saved.recipe.deltas}))
+        # A delta that only replaces weights (full fine-tuning) is the tuned model itself.
         self.note = (
-            None
-            if kinds == ["full"]
-            else f"densified from a {', '.join(kinds)} delta: the sparse delta approximates it"
+            f"densified from a {kinds} delta: the sparse delta approximates it"
+            if self.plan.needs_base
+            else None
         )
 
     def read(self, name: str) -> torch.Tensor:
@@ -136,8 +150,8 @@ def sparsify(
 ) -> SparsifyReport:
     """Keep the top |W_tuned - W_base| entries of every targeted matrix as a sparse delta;
     with `eval_data`, score it beside the dense tuned model (`columns` names the columns)."""
-    if not 0.0 < density <= 1.0:
-        raise DeltacliError(f"--density must be in (0, 1], got {density}")
+    if density not in DENSITY:
+        raise DeltacliError(f"--density must be {DENSITY}, got {density}")
     if by not in ("matrix", "global"):
         raise DeltacliError(f"--by must be matrix or global, got {by!r}")
     check_output(output, overwrite)
@@ -174,30 +188,27 @@ def _sparsify(base, source, output, density, by, targets, overwrite, console) ->
         return source.read(name) - before
 
     kept = _select(matrices, update, density, by, console)
-    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor] = {}
     reports, kept_norm, full_norm = [], 0.0, 0.0
-    for name, (indices, values, norm) in kept.items():
+    for name, (indices, kept_values, norm) in kept.items():
         module = name.removesuffix(".weight")
-        tensors[f"base_model.model.{module}.sift_indices"] = indices
-        tensors[f"base_model.model.{module}.sift_values"] = values
-        share = float(values.norm()) / norm if norm > 0 else 1.0
+        values |= increment(module, indices, kept_values)
+        share = float(kept_values.norm()) / norm if norm > 0 else 1.0
         reports.append(MatrixReport(module, modules[module].weight.numel(), len(indices), share))
-        kept_norm += float(values.norm()) ** 2
+        kept_norm += float(kept_values.norm()) ** 2
         full_norm += norm**2
-    for name in sorted(head):
-        tensors[f"base_model.model.{name}"] = source.read(name)
+    values |= {name: source.read(name) for name in sorted(head)}
     dropped = sorted(source.changed(skip=set(matrices) | head))
     dropped_norm = sum(float(update(name).norm()) ** 2 for name in dropped)
-    sift = {
-        "kind": "sift",
-        "density": density,
-        "targets": minimal_suffixes([m.removesuffix(".weight") for m in matrices], list(modules)),
-        "select": "magnitude",
-        "counts": [len(kept[m][0]) for m in matrices] if by == "global" else None,
-    }
+    sift = SiftConfig(
+        density=density,
+        targets=minimal_suffixes([m.removesuffix(".weight") for m in matrices], list(modules)),
+        select="magnitude",
+        counts=[len(kept[m][0]) for m in matrices] if by == "global" else None,
+    )
     recipe = _recipe(base, source, sift, bool(head))
     with atomic_dir(output, overwrite) as scratch:
-        write_delta(scratch, recipe, tensors, {"sparsify": {"density": density, "by": by}})
+        write_values(scratch, recipe, values, {"sparsify": {"density": density, "by": by}})
     return SparsifyReport(
         output=str(output),
         density=density,
@@ -273,29 +284,64 @@ def _bucket(magnitude: torch.Tensor) -> torch.Tensor:
     return (magnitude.float().contiguous().view(torch.int32) >> 16).long()
 
 
-def _recipe(base: str, source: TunedModel | TunedDelta, sift: dict, head: bool) -> Recipe:
-    return parse_recipe(
-        {
-            "name": f"sparse-{sift['density']:g}",
-            "model": base,
-            "task": source.task,
-            "head": head,
-            "data": {"labels": source.labels},
-            "deltas": [sift],
-        }
+def _recipe(base: str, source: TunedModel | TunedDelta, sift: SiftConfig, head: bool) -> Recipe:
+    return Recipe(
+        name=f"sparse-{sift.density:g}",
+        model=base,
+        task=source.task,
+        head=head,
+        data=DataConfig(labels=source.labels),
+        deltas=[sift],
     )
 
 
+def write_values(
+    folder: Path, recipe: Recipe, values: dict[str, torch.Tensor], metrics: dict | None
+) -> None:
+    """A delta directory for `recipe` from its tensors by parameter name, keyed the way its
+    kinds key them (attached on the meta device), so that it loads like a trained one."""
+    _, deltas = prepare_model(recipe, meta=True)
+    keys = deltas.keys()
+    if set(keys) != set(values):
+        missing = sorted(set(keys) ^ set(values))
+        raise DeltacliError(f"the sparse delta does not fit its recipe ({missing[0]})")
+    write_delta(folder, recipe, {keys[name]: value for name, value in values.items()}, metrics)
+
+
+def mask_recipe(
+    model: str,
+    data: str,
+    density: float,
+    select_batches: int = 1,
+    targets: list[str] | None = None,
+    columns: dict[str, str | None] | None = None,
+) -> Recipe:
+    """What `masks_from_gradients` runs: one SIFT delta choosing by gradient on `data`."""
+    sift = SiftConfig(
+        density=density, targets=targets, select="gradient", select_batches=select_batches
+    )
+    chosen = {key: value for key, value in (columns or {}).items() if value}
+    data_config = DataConfig(train=data, eval=None, **chosen)
+    return Recipe(name="masks", model=model, head=False, data=data_config, deltas=[sift])
+
+
 def masks_from_gradients(recipe: Recipe, output: Path, overwrite: bool = False) -> dict[str, float]:
-    """Run the recipe's SIFT selection (its first batches' gradients) and save the indices as
-    an untrained SIFT delta; returns the density per matrix."""
+    """Run SIFT's selection (`recipe`'s first batches' gradients) and save the indices as an
+    untrained SIFT delta; returns the density per matrix. No optimizer, no schedule: the
+    model, the data and one `calibrate` call."""
     check_output(output, overwrite)
-    if [d.kind for d in recipe.deltas] != ["sift"]:
-        raise DeltacliError("--from-gradients needs a recipe whose one delta is sift")
-    trainer = Trainer(recipe, console=None)
-    (sift,) = trainer.deltas.deltas
-    config, tensors = sift.export()
-    saved = dataclasses.replace(trainer.recipe, head=False, deltas=[config])
+    set_seed(recipe.train.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    task = recipe.task_entry
+    data = load_task_data(recipe.data, task, tokenizer, recipe.train.seed)
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, labels=data.labels))
+    model, deltas = prepare_model(recipe)
+    accelerator = make_accelerator()
+    collate = task.collate(tokenizer, data.train)
+    loader = batches(data.train, collate, recipe.train.batch_size, True, recipe.train.seed)
+    model, loader = accelerator.prepare(model, loader)
+    deltas.calibrate(accelerator.unwrap_model(model), loader, accelerator)
+    configs, tensors = deltas.export()
     with atomic_dir(output, overwrite) as scratch:
-        write_delta(scratch, saved, {sift.peft_key(k): v for k, v in tensors.items()}, None)
-    return sift.densities()
+        write_delta(scratch, dataclasses.replace(recipe, deltas=configs), tensors, None)
+    return deltas.densities()

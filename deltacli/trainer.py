@@ -21,11 +21,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_linear_schedule_with_warmup
 
-from deltacli.build import parameter_counts, prepare_model
+from deltacli.build import check_attaches, parameter_counts, prepare_model
 from deltacli.data import batches, load_task_data
 from deltacli.evaluate import evaluate, generate
 from deltacli.models import load_tokenizer, resolve
-from deltacli.recipe import GENERATIVE, Recipe
+from deltacli.recipe import Recipe
 from deltacli.runtime import make_accelerator, versions
 from deltacli.store import LOG_FILE, atomic_dir, check_output, save_delta
 
@@ -52,14 +52,16 @@ def train(
     check_output(output, overwrite)
     trainer = Trainer(recipe, console)
     main = trainer.accelerator.is_main_process
-    with atomic_dir(output, overwrite) if main else contextlib.nullcontext() as scratch:
-        log = MetricsLog(scratch / LOG_FILE if scratch else None)
+    with (
+        atomic_dir(output, overwrite) if main else contextlib.nullcontext() as scratch,
+        MetricsLog(scratch / LOG_FILE if scratch else None) as log,
+    ):
         before = trainer.preview()
         metrics = trainer.fit(log)
         if before:
             after = trainer.preview()
             metrics["preview"] = [
-                {"prompt": p, "reference": r, "before": b, "after": a}
+                {"prompt": p, "before": b, "after": a, "reference": r}
                 for (p, r), b, a in zip(trainer.data.prompts, before, after, strict=False)
             ]
         if scratch:
@@ -79,6 +81,16 @@ class MetricsLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class Trainer:
     """Set-up in `__init__` (cheap checks first, then data, model, optimisation), then `fit`."""
@@ -92,16 +104,18 @@ class Trainer:
             gradient_accumulation_steps=config.grad_accum,
         )
         self.console = console if self.accelerator.is_main_process else None
+        check_attaches(recipe)
         set_seed(config.seed)
         self.tokenizer = load_tokenizer(recipe.model)
+        self.task = recipe.task_entry
         self.data = load_task_data(
-            recipe.data, recipe.task, self.tokenizer, config.seed, config.mask_prompt
+            recipe.data, self.task, self.tokenizer, config.seed, config.mask_prompt
         )
         self.recipe = dataclasses.replace(
             recipe, data=dataclasses.replace(recipe.data, labels=self.data.labels)
         )
         self.model, self.deltas = prepare_model(self.recipe)
-        if recipe.task in GENERATIVE:
+        if self.task.generative:
             # No cache while training: it only costs memory, and transformers keeps packed
             # examples apart (block-diagonal attention) only without one.
             self.model.config.use_cache = False
@@ -119,10 +133,10 @@ class Trainer:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
-        train_batches = batches(
-            self.data.train, self.tokenizer, config.batch_size, True, config.seed
-        )
-        eval_batches = batches(self.data.eval, self.tokenizer, config.eval_batch_size, False)
+        collate = self.task.collate(self.tokenizer, self.data.train)
+        train_batches = batches(self.data.train, collate, config.batch_size, True, config.seed)
+        eval_collate = self.task.collate(self.tokenizer, self.data.eval)
+        eval_batches = batches(self.data.eval, eval_collate, config.eval_batch_size, False)
         self.model, self.optimizer, self.train_batches, self.eval_batches = (
             self.accelerator.prepare(self.model, optimizer, train_batches, eval_batches)
         )
@@ -188,7 +202,7 @@ class Trainer:
 
     def _evaluate_epoch(self, epoch: int) -> None:
         """Score the eval set; remember this epoch's delta if it is the best so far."""
-        scores = evaluate(self.model, self.eval_batches, self.accelerator, self.recipe.task)
+        scores = evaluate(self.model, self.eval_batches, self.accelerator, self.task)
         self.history.append({"epoch": epoch, "step": self.step, **scores})
         self.log.write(step=self.step, epoch=epoch, eval=scores)
         if self.best is None or not self.recipe.train.keep_best or self._better(scores, self.best):

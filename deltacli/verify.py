@@ -8,7 +8,6 @@ import torch
 
 from deltacli.build import attach_recipe, prepare_model, resolved_recipe
 from deltacli.errors import VerificationError
-from deltacli.models import TASK_CLASSES
 from deltacli.shards import NAMES, ShardReader
 from deltacli.store import SavedDelta
 
@@ -25,7 +24,7 @@ def verify_merge(base_dir: Path, saved: list[SavedDelta], merged_dir: Path) -> f
     saved[0].load_into(deltas)
     for later in saved[1:]:
         later.load_into(attach_recipe(reference, resolved_recipe(later)))
-    merged = TASK_CLASSES[recipe.task].from_pretrained(merged_dir, dtype=torch.float32)
+    merged = recipe.task_entry.model_class.from_pretrained(merged_dir, dtype=torch.float32)
     probe = _probe_batch(reference.config.vocab_size)
     with torch.no_grad():
         expected = reference.eval()(**probe).logits

@@ -124,3 +124,24 @@ def test_debug_variable_shows_the_traceback(cli, monkeypatch):
 
     with pytest.raises(DeltacliError):
         cli("train", "--method", "lorra")
+
+
+def test_options_reach_the_recipe_untouched(cli, tiny_bert, sentiment, tmp_path):
+    """`--data` with a '#' and a space is a path, and `--targets` a regular expression: both
+    arrive as typed (no round trip through YAML text)."""
+    data = tmp_path / "a #1.csv"
+    data.write_text(sentiment["train"].read_text())
+    code, _, err = cli(
+        "train", "--method", "lora", "--model", tiny_bert, "--data", data,
+        "--eval-data", sentiment["eval"], "data.text=text", "train.max_steps=1",
+        "-o", tmp_path / "delta",
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = cli(
+        "sparsify", "--from-gradients", "--model", tiny_bert, "--data", sentiment["train"],
+        "--text", "text", "--targets", r"re:.*\.query", tmp_path / "masks", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert sorted(json.loads(out)) == [
+        f"bert.encoder.layer.{i}.attention.self.query" for i in (0, 1)
+    ]

@@ -2,9 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
 
-from conftest import tiny_config
 from deltacli.deltas import attach
 from deltacli.deltas.base import Delta, register
 from deltacli.deltas.lora import Lora, LoraConfig, resolve_targets
@@ -15,16 +13,7 @@ from deltacli.deltas.specify import (
     ModulesConfig,
 )
 from deltacli.errors import DeltacliError
-
-
-def tiny_model(model_type: str = "bert"):
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_config(tiny_config(model_type)).eval()
-
-
-def batch(seq: int = 7):
-    torch.manual_seed(1)
-    return {"input_ids": torch.randint(5, 60, (3, seq)), "attention_mask": torch.ones(3, seq)}
+from helpers import batch, tiny_model
 
 
 def trainable(model) -> set[str]:

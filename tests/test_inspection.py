@@ -45,9 +45,21 @@ def test_a_70b_config_is_counted_without_weights(llama_70b):
     report = inspect_model(str(llama_70b), lora(llama_70b, r=8))
     assert report.trainable == lora_trainable
     assert report.total == body + head + layers * 8 * ((h + h) + (h + kv))
-    plain = inspect_model(str(llama_70b), None)
-    assert plain.total == body + head
-    assert body == 68_976_648_192 - vocab * h  # Llama-2-70B's published count, less its LM head
+    plain = inspect_model(str(llama_70b), None)  # a LlamaForCausalLM: counted with its LM head
+    assert plain.total == body + vocab * h == 68_976_648_192  # Llama-2-70B's published count
+
+
+def test_the_cli_counts_a_causal_config_as_a_causal_lm(cli, llama_70b):
+    h, kv, layers = 8192, 1024, 80
+    code, out, _ = cli("inspect", llama_70b, "--method", "lora", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["trainable"] == layers * 8 * ((h + h) + (h + kv))  # no 2-label `score` head
+    assert report["total"] == 68_976_648_192 + report["trainable"]
+    code, out, _ = cli(
+        "inspect", llama_70b, "--method", "lora", "--json", "task=sequence-classification"
+    )
+    assert json.loads(out)["trainable"] == layers * 8 * ((h + h) + (h + kv)) + 2 * h
 
 
 def test_layer_table_adds_up(llama_70b):
@@ -111,9 +123,7 @@ def test_cli_shows_the_folded_tree_and_layer_table(cli, llama_70b):
     assert "layers.0-79 ×80" in out
     assert "parameters by layer" in out and "outside layers" in out
     code, out, _ = cli("inspect", llama_70b, "--method", "lora", "--json")
-    report = json.loads(out)
-    assert report["trainable"] == 80 * 8 * (2 * 8192 + 8192 + 1024) + 2 * 8192
-    assert report["tree"]["type"] == "LlamaForSequenceClassification"
+    assert json.loads(out)["tree"]["type"] == "LlamaForCausalLM"
 
 
 def test_a_bare_config_cannot_be_trained(cli, llama_70b, tmp_path):

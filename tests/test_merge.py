@@ -6,9 +6,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, BertModel
 
-from conftest import TINY_BERT, randomize_trainable, tiny_config
 from deltacli.build import prepare_model
 from deltacli.deltas.specify import BitFit
 from deltacli.errors import DeltacliError, VerificationError
@@ -16,6 +15,7 @@ from deltacli.merge import INDEX_FILE, merge
 from deltacli.recipe import parse_recipe
 from deltacli.shards import ShardWriter
 from deltacli.store import read_delta, save_delta
+from helpers import randomize_trainable, tiny_config
 
 METHODS = {
     "lora": [{"kind": "lora", "r": 4, "alpha": 8}],
@@ -214,7 +214,7 @@ def test_deltas_that_are_not_linear_are_refused_before_writing(cli, tiny_bert, t
 
 def test_a_delta_for_another_base_is_refused(tiny_bert, tmp_path):
     saved_delta(tiny_bert, tmp_path / "delta", METHODS["lora"])
-    wider = BertConfig(vocab_size=27, **{**TINY_BERT, "hidden_size": 64})
+    wider = tiny_config("bert", vocab_size=27, hidden_size=64)
     AutoModelForSequenceClassification.from_config(wider).save_pretrained(tmp_path / "other")
     with pytest.raises(DeltacliError, match=r"does not fit this model|has shape"):
         merge(str(tmp_path / "other"), [tmp_path / "delta"], tmp_path / "merged")

@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import tiny_config
 from deltacli.deltas import attach
 from deltacli.deltas.adapter import AdapterConfig
 from deltacli.deltas.ia3 import IA3Config
@@ -13,6 +12,7 @@ from deltacli.deltas.prefix import PrefixConfig
 from deltacli.deltas.prompt import PromptConfig
 from deltacli.deltas.specify import BitFitConfig
 from deltacli.errors import DeltacliError
+from helpers import batch, tiny_config, tiny_model
 
 IDENTITY_AT_START = {
     "houlsby": [AdapterConfig(at="attention", r=4), AdapterConfig(at="ffn", r=4)],
@@ -31,23 +31,6 @@ ALL = {
     "mam": [PrefixConfig(length=3), AdapterConfig(at="ffn", placement="parallel", r=8, scale=4.0)],
 }
 ARCHITECTURES = ["bert", "gpt2", "llama", "distilbert"]
-
-
-def tiny_model(model_type):
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_config(tiny_config(model_type)).eval()
-
-
-def batch(lengths=(7, 4, 5), seed=1):
-    """Right-padded ids (pad id 0) with a mask; token_type_ids for BERT-style models."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = torch.randint(5, 60, (length,), generator=generator)
-        mask[row, :length] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def perturb(deltas, seed=2):

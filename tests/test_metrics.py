@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from deltacli.evaluate import classification_metrics
+from deltacli.scoring import classification_metrics
 
 
 @pytest.mark.parametrize("classes", [2, 3, 5])

@@ -15,7 +15,6 @@ from peft import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from conftest import randomize_trainable, tiny_config
 from deltacli.build import prepare_model
 from deltacli.deltas import attach
 from deltacli.deltas.prefix import PrefixConfig
@@ -23,6 +22,7 @@ from deltacli.evaluate import score_delta
 from deltacli.inspection import inspect_model
 from deltacli.recipe import parse_recipe
 from deltacli.store import read_delta, save_delta
+from helpers import batch, perturbed, randomize_trainable, tiny_config, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -30,32 +30,17 @@ def bases(tmp_path_factory, tiny_bert):
     """Saved tiny base models of three architectures (GPT-2's LoRA is fan_in_fan_out)."""
     folders = {"bert": tiny_bert}
     for model_type in ("gpt2", "llama"):
-        folder = tmp_path_factory.mktemp(model_type)
-        torch.manual_seed(0)
-        AutoModelForSequenceClassification.from_config(tiny_config(model_type)).save_pretrained(
-            folder
-        )
-        folders[model_type] = folder
+        folders[model_type] = tmp_path_factory.mktemp(model_type)
+        tiny_model(model_type).save_pretrained(folders[model_type])
     return folders
 
 
 def inputs():
-    torch.manual_seed(3)
-    return {"input_ids": torch.randint(5, 27, (4, 9)), "attention_mask": torch.ones(4, 9)}
+    return batch(lengths=(9, 9, 9, 9), seed=3, high=27)
 
 
 def recipe_for(base, *deltas):
     return parse_recipe({"model": str(base), "deltas": list(deltas), "data": {"labels": [0, 1]}})
-
-
-def perturbed(recipe):
-    """Base + deltas whose every trainable tensor is random, so nothing passes by accident."""
-    model, deltas = prepare_model(recipe)
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for param in deltas.parameters().values():
-            param.normal_(std=0.5)
-    return model.eval(), deltas
 
 
 def base_model(folder):

@@ -55,8 +55,8 @@ def test_null_override_clears_an_optional_key():
         ("deltas.0.r=2.5", "deltas.0.r must be an integer"),
         ("train.keep_best=maybe", "train.keep_best must be true or false"),
         (
-            "train.best_metric=f1",
-            "train.best_metric must be one of auto, accuracy, macro_f1, mcc, loss",
+            "train.best_metric=f2",
+            "train.best_metric for sequence-classification must be one of accuracy, macro_f1, mcc, loss (or auto); got 'f2'",
         ),
         ("deltas.3.r=4", "'deltas.3' is out of range"),
         ("deltas.0.kind=lorra", "unknown delta kind 'lorra' (did you mean 'lora'?)"),
@@ -103,3 +103,29 @@ def test_every_shipped_recipe_attaches_to_a_model_of_its_task(name, tiny_bert, t
     roles = {group.role for group in report.groups}
     assert 0 < report.trainable <= report.total
     assert {d.kind for d in recipe.deltas} <= roles
+
+
+def test_typed_settings_arrive_exactly_as_typed():
+    recipe = load_recipe(
+        recipe_file("lora", None),
+        [],
+        {"data.train": "a #1.csv", "deltas.0.targets": [r"re:.*\.query"], "data.eval": None},
+    )
+    assert recipe.data.train == "a #1.csv" and recipe.data.eval is None
+    assert recipe.deltas[0].targets == [r"re:.*\.query"]
+
+
+def test_a_yaml_comment_in_an_override_is_named_with_the_quoted_form():
+    with pytest.raises(DeltacliError) as error:
+        load_recipe(recipe_file("lora", None), ["data.text=#1 String"])
+    message = str(error.value)
+    assert "YAML reads everything from '#' on as a comment" in message
+    assert """'data.text="#1 String"'""" in message
+    quoted = load_recipe(recipe_file("lora", None), ['data.text="#1 String"'])
+    assert quoted.data.text == "#1 String"
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan"])
+def test_numbers_must_be_finite(value):
+    with pytest.raises(DeltacliError, match=r"train\.lr must be a finite number"):
+        load_recipe(recipe_file("lora", None), [f"train.lr={value}"])

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_recipe
 from deltacli.build import prepare_model
 from deltacli.deltas import attach
 from deltacli.deltas.sift import SiftConfig
 from deltacli.merge import merge
 from deltacli.store import read_delta
 from deltacli.trainer import MetricsLog, Trainer, train
+from helpers import tiny_recipe
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
 

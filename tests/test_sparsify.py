@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from conftest import tiny_recipe
 from deltacli.build import prepare_model
 from deltacli.sparsify import sparsify
 from deltacli.store import read_delta
 from deltacli.trainer import train
+from helpers import tiny_recipe
 
 
 @pytest.fixture

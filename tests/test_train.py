@@ -6,12 +6,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_recipe
 from deltacli.data import load_table
 from deltacli.errors import DeltacliError
 from deltacli.evaluate import evaluate, score_delta
 from deltacli.store import LOG_FILE, METRICS_FILE, RECIPE_FILE
 from deltacli.trainer import MetricsLog, Trainer, train
+from helpers import tiny_recipe
 
 METHODS = {
     "lora": {"kind": "lora", "r": 4, "alpha": 8},
@@ -40,7 +40,7 @@ def test_each_method_trains_loss_goes_down_and_the_delta_moves(tiny_bert, sentim
     )
     trainer = Trainer(recipe, console=None)
     start = {n: t.clone() for n, t in trainer.deltas.deltas[0].params.items()}
-    before = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator)
+    before = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator, trainer.task)
     after = trainer.fit(MetricsLog(None))["eval"]
     assert after["loss"] < before["loss"]
     assert after["accuracy"] > 0.9
@@ -65,7 +65,7 @@ def test_the_delta_alone_undoes_a_wrong_head(tiny_bert, sentiment, method):
     with torch.no_grad():
         trainer.model.classifier.weight.neg_()
         trainer.model.classifier.bias.neg_()
-    before = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator)
+    before = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator, trainer.task)
     after = trainer.fit(MetricsLog(None))["eval"]
     assert after["loss"] < 0.8 * before["loss"]
     assert after["accuracy"] > before["accuracy"] + 0.3

@@ -16,11 +16,19 @@ from typing import Literal
 import torch
 from torch import nn
 
+from deltacli.architectures import architecture
 from deltacli.deltas.base import Delta, DeltaConfig, register
-from deltacli.deltas.sublayers import partner, sublayer
-from deltacli.deltas.targets import features, is_linear, layer_index, modules_by_name, select
+from deltacli.deltas.targets import (
+    features,
+    in_layers,
+    is_linear,
+    layer_count,
+    modules_by_name,
+    partner,
+    select,
+)
 from deltacli.errors import DeltacliError
-from deltacli.schema import option
+from deltacli.schema import AT_LEAST_ONE, option
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -31,16 +39,12 @@ class AdapterConfig(DeltaConfig):
     placement: Literal["sequential", "parallel"] = option(
         "sequential", "read the sublayer's output (sequential) or its input (parallel)"
     )
-    r: int = option(64, "bottleneck width")
+    r: int = option(64, "bottleneck width", AT_LEAST_ONE)
     scale: float = option(1.0, "s in h + s·Δh (He et al.'s scaled parallel adapter: 4)")
     activation: Literal["relu", "gelu", "tanh", "silu"] = option("relu", "the bottleneck's f")
     layers: list[int] | None = option(None, "only these layer indices; null: every layer")
     reads: str | None = option(None, "module pattern whose input a parallel adapter reads")
     writes: str | None = option(None, "module pattern whose output the adapter adds to")
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise DeltacliError(f"adapter r must be at least 1, got {self.r}")
 
 
 class Bottleneck(nn.Module):
@@ -80,39 +84,37 @@ class Adapter(Delta):
 
     def attach(self, model: nn.Module) -> None:
         config = self.config
-        preset = sublayer(model, config.at) if not (config.reads and config.writes) else None
         modules = modules_by_name(model)
-        writes = self._in_layers(select(modules, [config.writes or preset.writes], what="module"))
-        self._hooks, self._owners, self._inputs = [], [], {}
+        reads, writes = config.reads, config.writes
+        if not (reads and writes):
+            fix = "name the modules with `reads` and `writes` patterns"
+            found = architecture(model, "sublayer preset", fix)
+            reads = reads or found.sublayer_input[config.at]
+            writes = writes or found.sublayer_output[config.at]
+        written = self._in_layers(select(modules, [writes], what="module"))
+        self._inputs: dict[str, torch.Tensor] = {}
         if config.placement == "parallel":
-            reads = self._in_layers(select(modules, [config.reads or preset.reads], what="module"))
-            for name in writes:
-                source = partner(name, reads)
+            read = self._in_layers(select(modules, [reads], what="module"))
+            for name in written:
+                source = partner(name, read)
                 if source is None:
                     raise DeltacliError(f"no module to read for {name} in its layer")
                 hook = partial(self._remember, name)
-                self._hooks.append(
-                    modules[source].register_forward_pre_hook(hook, with_kwargs=True)
-                )
-        for name in writes:
+                self.add_hook(modules[source].register_forward_pre_hook(hook, with_kwargs=True))
+        for name in written:
             module = modules[name]
             if not is_linear(module):
                 raise DeltacliError(f"adapters write after a linear layer; {name} is not one")
             width = features(module)[1]
             adapter = Bottleneck(width, config.r, config.activation, next(module.parameters()))
             slot = _free_name(module, "adapter")
-            module.add_module(slot, adapter)
-            self._owners.append((module, slot))
-            self._hooks.append(module.register_forward_hook(partial(self._add, name, adapter)))
+            self.add_module(module, slot, adapter)
+            self.add_hook(module.register_forward_hook(partial(self._add, name, adapter)))
             for param_name, param in adapter.named_parameters():
                 self.params[f"{name}.{slot}.{param_name}"] = param
 
     def _in_layers(self, names: list[str]) -> list[str]:
-        if self.config.layers is None:
-            return names
-        count = 1 + max(layer_index(n) for n in names)
-        wanted = {layer % count for layer in self.config.layers}
-        return [n for n in names if layer_index(n) in wanted]
+        return in_layers(names, self.config.layers, layer_count(names))
 
     def _remember(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._inputs[name] = _first_input(args, kwargs)
@@ -122,13 +124,6 @@ class Adapter(Delta):
         source = self._inputs.pop(name) if self.config.placement == "parallel" else hidden
         updated = hidden + self.config.scale * adapter(source).to(hidden.dtype)
         return (updated, *output[1:]) if isinstance(output, tuple) else updated
-
-    def detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        for module, slot in self._owners:
-            delattr(module, slot)
-        super().detach()
 
 
 def _free_name(module: nn.Module, base: str) -> str:

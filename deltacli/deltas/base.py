@@ -17,8 +17,14 @@ import torch
 from torch import nn
 
 from deltacli.errors import DeltacliError, did_you_mean
+from deltacli.schema import check_ranges
 
 Increment = Callable[[torch.Tensor], torch.Tensor]
+
+# PEFT keys a model's own tensors (and a task head, for most methods) under this prefix;
+# prompt-learning methods (prompt, prefix) keep the task head one level up.
+PEFT_PREFIX = "base_model.model."
+PEFT_PROMPT_LEARNING_PREFIX = "base_model."
 
 
 @dataclasses.dataclass
@@ -27,11 +33,15 @@ class DeltaConfig:
 
     kind: ClassVar[str]
 
+    def __post_init__(self) -> None:
+        check_ranges(self, f"{self.kind} ")
+
 
 class Delta(ABC):
     """One delta attached to one model.
 
-    Subclasses set `kind`, `config_class` and, where PEFT has the same method, `peft_type`;
+    Subclasses set `kind`, `config_class` and, where PEFT has the same method, `peft_type`
+    with `peft_config` and `from_peft` (the two directions of PEFT's `adapter_config.json`);
     `attach` fills `self.params` with the parameters to train, named as in the model.
     """
 
@@ -40,18 +50,42 @@ class Delta(ABC):
     peft_type: ClassVar[str | None] = None
     mergeable: ClassVar[bool] = False  # linear in the base weights, so `merge` can fold it in
     needs_base: ClassVar[bool] = True  # its increments depend on the base weight existing
-    peft_head_prefix: ClassVar[str] = "base_model.model."  # where PEFT keys the task head
 
     def __init__(self, config: DeltaConfig) -> None:
         self.config = config
         self.params: dict[str, nn.Parameter] = {}
+        self._undo: list[Callable[[], object]] = []
 
     @abstractmethod
     def attach(self, model: nn.Module) -> None:
-        """Change `model` in place and record the parameters to train in `self.params`."""
+        """Change `model` in place and record the parameters to train in `self.params`.
+
+        Every change goes through the ledger below (`add_module`, `add_hook` ...), so that
+        `detach` can undo it without a kind having to remember what it did."""
+
+    def add_module(self, owner: nn.Module, name: str, module: nn.Module) -> None:
+        owner.add_module(name, module)
+        self._undo.append(lambda: delattr(owner, name))
+
+    def add_parameter(self, owner: nn.Module, name: str, param: nn.Parameter) -> None:
+        owner.register_parameter(name, param)
+        self._undo.append(lambda: delattr(owner, name))
+
+    def add_buffer(self, owner: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        owner.register_buffer(name, tensor)
+        self._undo.append(lambda: delattr(owner, name))
+
+    def add_hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._undo.append(handle.remove)
+
+    def on_detach(self, undo: Callable[[], object]) -> None:
+        """Anything else `detach` must undo (restoring a setting, a weight)."""
+        self._undo.append(undo)
 
     def detach(self) -> None:
-        """Undo `attach`, leaving the model as it was (kinds that add modules override this)."""
+        """Undo what `attach` recorded, newest first, leaving the model as it was."""
+        while self._undo:
+            self._undo.pop()()
         self.params = {}
 
     def export(self) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
@@ -89,11 +123,27 @@ class Delta(ABC):
 
     def peft_key(self, name: str) -> str:
         """The key PEFT's `adapter_model.safetensors` uses for the parameter `name`."""
-        return f"base_model.model.{name}"
+        return PEFT_PREFIX + name
+
+    def head_key(self, name: str) -> str:
+        """The key PEFT gives a task-head tensor saved beside this method (`modules_to_save`)."""
+        return PEFT_PREFIX + name
 
     def peft_config(self, model: nn.Module) -> dict:
         """This delta's fields of PEFT's `adapter_config.json` (only where `peft_type` is set)."""
         raise NotImplementedError(f"{self.kind} has no PEFT equivalent")
+
+    @classmethod
+    def from_peft(cls, config: dict) -> dict:
+        """The recipe's `deltas:` item that rebuilds PEFT's adapter of this `peft_type` from
+        its `adapter_config.json` (validated by the caller)."""
+        raise NotImplementedError(f"{cls.kind} has no PEFT equivalent")
+
+
+def peft_patterns(modules: list[str] | str | None) -> list[str] | None:
+    """PEFT's `target_modules` as deltacli patterns: a list of suffixes stays as it is, and a
+    single string is a regular expression over the whole name."""
+    return [f"re:{modules}"] if isinstance(modules, str) else modules
 
 
 KINDS: dict[str, type[Delta]] = {}
@@ -108,6 +158,18 @@ def register(cls: type[Delta]) -> type[Delta]:
     cls.config_class.kind = cls.kind
     KINDS[cls.kind] = cls
     return cls
+
+
+def kind_for_peft(peft_type: str | None) -> type[Delta]:
+    """The kind that reads and writes PEFT's adapters of `peft_type`."""
+    for cls in KINDS.values():
+        if cls.peft_type is not None and cls.peft_type == peft_type:
+            return cls
+    supported = sorted(c.peft_type for c in KINDS.values() if c.peft_type)
+    raise DeltacliError(
+        f"PEFT adapters of type {peft_type!r} are not supported yet "
+        f"(supported: {', '.join(supported)})"
+    )
 
 
 def kind_class(kind: str) -> type[Delta]:
@@ -175,10 +237,17 @@ class DeltaSet:
     def densities(self) -> dict[str, float]:
         return {name: share for delta in self.members for name, share in delta.densities().items()}
 
+    @property
+    def peft_method(self) -> Delta | None:
+        """The delta PEFT sees this set as: the only one, where PEFT has its method."""
+        if len(self.deltas) == 1 and self.deltas[0].peft_type is not None:
+            return self.deltas[0]
+        return None
+
     def _key(self, delta: Delta, name: str) -> str:
         """PEFT's key where PEFT has the method; the head goes where that method keeps it."""
-        if delta is self.head and len(self.deltas) == 1:
-            return self.deltas[0].peft_head_prefix + name
+        if delta is self.head:
+            return self.peft_method.head_key(name) if self.peft_method else PEFT_PREFIX + name
         return delta.peft_key(name)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:

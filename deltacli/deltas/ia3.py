@@ -15,31 +15,23 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from deltacli.deltas.base import Delta, DeltaConfig, Increment, register
+from deltacli.architectures import architecture
+from deltacli.deltas.base import Delta, DeltaConfig, Increment, peft_patterns, register
 from deltacli.deltas.targets import (
     features,
     is_linear,
+    is_transposed,
     minimal_suffixes,
     modules_by_name,
     select,
 )
-from deltacli.errors import DeltacliError
 from deltacli.schema import option
 
-# PEFT's presets: (targets, of which feed-forward) per model type.
-PRESETS: dict[str, tuple[list[str], list[str]]] = {
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-    "distilbert": (["q_lin", "v_lin", "lin2"], ["lin2"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "t5": (["k", "v", "wo"], ["wo"]),
-    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
-}
+# The roles IA3 rescales when a recipe names none (PEFT's presets, which the architecture
+# table overrides where PEFT departs from them), and of those the feed-forward ones.
+ROLES = ("key", "value", "ffn_output")
+FEEDFORWARD_ROLES = ("ffn_output",)
 
 
 @dataclasses.dataclass
@@ -93,44 +85,35 @@ class IA3(Delta):
         )
         chosen = set(self.targets)
         self.feedforward = [n for n in select(modules, feedforward, what="module") if n in chosen]
-        self._hooks, self._modules = [], {}
+        self._modules = {}
         for name in self.targets:
             module = modules[name]
             in_features, out_features = features(module)
             shape = (1, in_features) if name in self.feedforward else (out_features, 1)
-            module.ia3_l = nn.Parameter(
-                torch.ones(shape, device=module.weight.device, dtype=module.weight.dtype)
-            )
+            like = {"device": module.weight.device, "dtype": module.weight.dtype}
+            self.add_parameter(module, "ia3_l", nn.Parameter(torch.ones(shape, **like)))
             if name in self.feedforward:
-                self._hooks.append(module.register_forward_pre_hook(_scale_input))
+                self.add_hook(module.register_forward_pre_hook(_scale_input))
             else:
-                self._hooks.append(module.register_forward_hook(_scale_output))
+                self.add_hook(module.register_forward_hook(_scale_output))
             self._modules[name] = module
             self.params[f"{name}.ia3_l"] = module.ia3_l
 
     def _patterns(self, model: nn.Module) -> tuple[list[str], list[str]]:
         if self.config.targets is not None:
             return self.config.targets, self.config.feedforward or []
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in PRESETS:
-            raise DeltacliError(
-                f"no IA3 preset for model type {model_type!r}; set targets (and feedforward)"
-            )
-        targets, feedforward = PRESETS[model_type]
+        found = architecture(model, "IA3 preset", "set targets (and feedforward)")
+        if found.ia3 is not None:
+            targets, feedforward = map(list, found.ia3)
+        else:
+            targets, feedforward = found.patterns(*ROLES), found.patterns(*FEEDFORWARD_ROLES)
         return targets, self.config.feedforward or feedforward
-
-    def detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        for module in self._modules.values():
-            del module.ia3_l
-        super().detach()
 
     def delta_weights(self, values: dict[str, torch.Tensor]) -> dict[str, Increment]:
         increments: dict[str, Increment] = {}
         for name, module in self._modules.items():
             vector = values[f"{name}.ia3_l"].float()
-            transposed = isinstance(module, Conv1D)
+            transposed = is_transposed(module)
             if name in self.feedforward:
                 increments[f"{name}.weight"] = partial(_columns, vector, transposed)
             else:
@@ -146,6 +129,14 @@ class IA3(Delta):
             "feedforward_modules": minimal_suffixes(self.feedforward, names)
             if self.feedforward
             else [],
-            "fan_in_fan_out": any(isinstance(m, Conv1D) for m in self._modules.values()),
+            "fan_in_fan_out": any(map(is_transposed, self._modules.values())),
             "init_ia3_weights": True,
+        }
+
+    @classmethod
+    def from_peft(cls, config: dict) -> dict:
+        return {
+            "kind": cls.kind,
+            "targets": peft_patterns(config.get("target_modules")),
+            "feedforward": peft_patterns(config.get("feedforward_modules")) or [],
         }

@@ -17,48 +17,30 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from deltacli.deltas.base import Delta, DeltaConfig, Increment, register
-from deltacli.deltas.targets import features, linear_targets, minimal_suffixes, modules_by_name
-from deltacli.errors import DeltacliError
-from deltacli.schema import option
+from deltacli.deltas.base import Delta, DeltaConfig, Increment, peft_patterns, register
+from deltacli.deltas.targets import (
+    features,
+    is_transposed,
+    linear_targets,
+    minimal_suffixes,
+    modules_by_name,
+)
+from deltacli.schema import AT_LEAST_ONE, FRACTION, option
 
-# The projections LoRA targets when a recipe names none: PEFT's defaults, so counts agree.
-PRESETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "t5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-}
+# The roles LoRA targets when a recipe names none: PEFT's defaults, so counts agree.
+ROLES = ("query", "value")
 
 
 @dataclasses.dataclass
 class LoraConfig(DeltaConfig):
-    r: int = option(8, "rank of the update B·A")
+    r: int = option(8, "rank of the update B·A", AT_LEAST_ONE)
     alpha: float = option(16.0, "the update is scaled by alpha / r (alpha / sqrt(r) with rslora)")
-    dropout: float = option(0.0, "dropout on the LoRA branch's input while training")
+    dropout: float = option(0.0, "dropout on the LoRA branch's input while training", FRACTION)
     targets: list[str] | None = option(
         None, "module-name patterns; null: the architecture's preset; [all-linear]: every linear"
     )
     rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski, 2023)")
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise DeltacliError(f"lora r must be at least 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise DeltacliError(f"lora dropout must be in [0, 1), got {self.dropout}")
 
 
 def _add_low_rank(scaling: float, module: nn.Module, args: tuple, output: torch.Tensor):
@@ -77,7 +59,7 @@ def _low_rank_increment(
 
 def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
     """The module names LoRA attaches to, from explicit patterns or the architecture's preset."""
-    return linear_targets(model, targets, PRESETS, "LoRA")
+    return linear_targets(model, targets, ROLES, "LoRA")
 
 
 @register
@@ -96,27 +78,21 @@ class Lora(Delta):
     def attach(self, model: nn.Module) -> None:
         self.targets = resolve_targets(model, self.config.targets)
         modules = modules_by_name(model)
-        self._hooks = []
         for name in self.targets:
             module = modules[name]
             in_features, out_features = features(module)
             like = {"device": module.weight.device, "dtype": module.weight.dtype}
-            module.lora_A = nn.Linear(in_features, self.config.r, bias=False, **like)
-            module.lora_B = nn.Linear(self.config.r, out_features, bias=False, **like)
-            module.lora_dropout = nn.Dropout(self.config.dropout)
-            nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(module.lora_B.weight)
-            self._hooks.append(module.register_forward_hook(partial(_add_low_rank, self.scaling)))
-            self.params[f"{name}.lora_A.weight"] = module.lora_A.weight
-            self.params[f"{name}.lora_B.weight"] = module.lora_B.weight
+            lora_a = nn.Linear(in_features, self.config.r, bias=False, **like)
+            lora_b = nn.Linear(self.config.r, out_features, bias=False, **like)
+            nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_b.weight)
+            self.add_module(module, "lora_A", lora_a)
+            self.add_module(module, "lora_B", lora_b)
+            self.add_module(module, "lora_dropout", nn.Dropout(self.config.dropout))
+            self.add_hook(module.register_forward_hook(partial(_add_low_rank, self.scaling)))
+            self.params[f"{name}.lora_A.weight"] = lora_a.weight
+            self.params[f"{name}.lora_B.weight"] = lora_b.weight
         self._modules = [modules[name] for name in self.targets]
-
-    def detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        for module in self._modules:
-            del module.lora_A, module.lora_B, module.lora_dropout
-        super().detach()
 
     def delta_weights(self, values: dict[str, torch.Tensor]) -> dict[str, Increment]:
         return {
@@ -125,7 +101,7 @@ class Lora(Delta):
                 values[f"{name}.lora_B.weight"].float(),
                 values[f"{name}.lora_A.weight"].float(),
                 self.scaling,
-                isinstance(module, Conv1D),
+                is_transposed(module),
             )
             for name, module in zip(self.targets, self._modules, strict=True)
         }
@@ -137,8 +113,19 @@ class Lora(Delta):
             "lora_alpha": self.config.alpha,
             "lora_dropout": self.config.dropout,
             "target_modules": minimal_suffixes(self.targets, names),
-            "fan_in_fan_out": any(isinstance(m, Conv1D) for m in self._modules),
+            "fan_in_fan_out": any(map(is_transposed, self._modules)),
             "use_rslora": self.config.rslora,
             "bias": "none",
             "init_lora_weights": True,
+        }
+
+    @classmethod
+    def from_peft(cls, config: dict) -> dict:
+        return {
+            "kind": cls.kind,
+            "r": config["r"],
+            "alpha": config.get("lora_alpha", 8),
+            "dropout": config.get("lora_dropout", 0.0),
+            "targets": peft_patterns(config.get("target_modules")),
+            "rslora": config.get("use_rslora", False),
         }

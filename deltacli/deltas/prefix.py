@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import weakref
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +23,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from deltacli.deltas.base import Delta, DeltaConfig, register
-from deltacli.deltas.sublayers import sublayer
+from deltacli.architectures import architecture
+from deltacli.deltas.base import PEFT_PROMPT_LEARNING_PREFIX, Delta, DeltaConfig, register
 from deltacli.deltas.targets import modules_by_name, select
 from deltacli.errors import DeltacliError
-from deltacli.schema import option
+from deltacli.schema import AT_LEAST_ONE, option
 
 ATTENTION = "deltacli_prefix"
 # attention module -> the Prefix delta that feeds it, and its layer's position in the stack
@@ -68,15 +69,11 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 @dataclasses.dataclass
 class PrefixConfig(DeltaConfig):
-    length: int = option(30, "prefix vectors per layer (l)")
+    length: int = option(30, "prefix vectors per layer (l)", AT_LEAST_ONE)
     projection: int | None = option(
         None,
         "train the prefix through an MLP of this width (folded away when saved); null: directly",
     )
-
-    def __post_init__(self) -> None:
-        if self.length < 1:
-            raise DeltacliError(f"prefix length must be at least 1, got {self.length}")
 
 
 class PrefixEncoder(nn.Module):
@@ -101,14 +98,18 @@ class Prefix(Delta):
     kind = "prefix"
     config_class = PrefixConfig
     peft_type = "PREFIX_TUNING"
-    peft_head_prefix = "base_model."
     config: PrefixConfig
 
     def attach(self, model: nn.Module) -> None:
         config = model.config
-        pattern = sublayer(model, "attention").reads
+        found = architecture(model, "attention preset", "prefix tuning needs a known architecture")
+        if not found.attention_interface:
+            raise DeltacliError(
+                f"prefix tuning enters through transformers' attention interface, which "
+                f"{config.model_type} does not use; try lora, adapter or prompt instead"
+            )
         modules = modules_by_name(model)
-        attention = select(modules, [pattern], what="attention module")
+        attention = select(modules, [found.self_attention], what="attention module")
         self.layers = len(attention)
         heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -118,22 +119,21 @@ class Prefix(Delta):
         encoder = PrefixEncoder(
             self.config.length, width, config.hidden_size, self.config.projection
         )
-        model.add_module("prefix_encoder", encoder.to(device=like.device, dtype=like.dtype))
-        self.encoder, self.model = encoder, model
-        self._previous = model.config._attn_implementation
+        self.add_module(model, "prefix_encoder", encoder.to(device=like.device, dtype=like.dtype))
+        self.encoder = encoder
+        previous = config._attn_implementation
         model.set_attn_implementation(ATTENTION)
+        self.on_detach(partial(model.set_attn_implementation, previous))
         for layer, name in enumerate(attention):
             _FEEDS[modules[name]] = (self, layer)
-        self._attention = [modules[name] for name in attention]
+            self.on_detach(partial(_FEEDS.pop, modules[name], None))
         # A decoder's prefix is l earlier tokens (PEFT's cache): its tokens count from l. An
         # encoder's absolute positions stay as pretrained (BERT's [CLS] stays at 0).
         causal = any(getattr(modules[name], "is_causal", False) for name in attention)
         accepts = "position_ids" in inspect.signature(model.forward).parameters
         self._shifts_positions = causal and accepts
-        self._hooks = [
-            model.register_forward_pre_hook(self._refresh, with_kwargs=True),
-            model.register_forward_hook(self._release),
-        ]
+        self.add_hook(model.register_forward_pre_hook(self._refresh, with_kwargs=True))
+        self.add_hook(model.register_forward_hook(self._release))
         self._current: torch.Tensor | None = None
         self.params = {f"prefix_encoder.{n}": p for n, p in encoder.named_parameters()}
 
@@ -168,15 +168,6 @@ class Prefix(Delta):
         )
         return key.to(like.dtype), value.to(like.dtype)
 
-    def detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        for module in self._attention:
-            _FEEDS.pop(module, None)
-        self.model.set_attn_implementation(self._previous)
-        del self.model.prefix_encoder
-        super().detach()
-
     def export(self) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         """The prefix as trained, MLP folded: what inference needs and PEFT loads."""
         with torch.no_grad():
@@ -186,6 +177,9 @@ class Prefix(Delta):
 
     def peft_key(self, name: str) -> str:
         return "prompt_embeddings"
+
+    def head_key(self, name: str) -> str:
+        return PEFT_PROMPT_LEARNING_PREFIX + name
 
     def peft_config(self, model: nn.Module) -> dict:
         width = self.kv_heads * self.head_dim
@@ -198,3 +192,8 @@ class Prefix(Delta):
             "encoder_hidden_size": width,
             "prefix_projection": False,
         }
+
+    @classmethod
+    def from_peft(cls, config: dict) -> dict:
+        # PEFT saves a reparameterised prefix folded, as deltacli does.
+        return {"kind": cls.kind, "length": config["num_virtual_tokens"]}

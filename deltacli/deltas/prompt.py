@@ -19,22 +19,18 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deltacli.deltas.base import Delta, DeltaConfig, register
+from deltacli.deltas.base import PEFT_PROMPT_LEARNING_PREFIX, Delta, DeltaConfig, register
 from deltacli.errors import DeltacliError
 from deltacli.labels import IGNORE
-from deltacli.schema import option
+from deltacli.schema import AT_LEAST_ONE, option
 
 
 @dataclasses.dataclass
 class PromptConfig(DeltaConfig):
-    length: int = option(20, "prompt vectors prepended to the input (n)")
+    length: int = option(20, "prompt vectors prepended to the input (n)", AT_LEAST_ONE)
     init: Literal["random", "vocab"] = option(
         "vocab", "start from random vectors or from the embeddings of random vocabulary tokens"
     )
-
-    def __post_init__(self) -> None:
-        if self.length < 1:
-            raise DeltacliError(f"prompt length must be at least 1, got {self.length}")
 
 
 @register
@@ -42,7 +38,6 @@ class Prompt(Delta):
     kind = "prompt"
     config_class = PromptConfig
     peft_type = "PROMPT_TUNING"
-    peft_head_prefix = "base_model."
     config: PromptConfig
 
     def attach(self, model: nn.Module) -> None:
@@ -58,10 +53,10 @@ class Prompt(Delta):
             rows = torch.randint(0, vocabulary.num_embeddings, (self.config.length,))
             with torch.no_grad():
                 holder.embedding.weight.copy_(vocabulary.weight[rows])
-        model.add_module("prompt_encoder", holder)
-        self.model, self.holder = model, holder
+        self.add_module(model, "prompt_encoder", holder)
+        self.holder = holder
         self.causal = any(getattr(m, "is_causal", False) for m in model.modules())
-        self._hook = model.register_forward_pre_hook(self._prepend, with_kwargs=True)
+        self.add_hook(model.register_forward_pre_hook(self._prepend, with_kwargs=True))
         self.params = {"prompt_encoder.embedding.weight": holder.embedding.weight}
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -98,13 +93,11 @@ class Prompt(Delta):
             kwargs = _padding_first(kwargs)
         return (), kwargs
 
-    def detach(self) -> None:
-        self._hook.remove()
-        del self.model.prompt_encoder
-        super().detach()
-
     def peft_key(self, name: str) -> str:
         return "prompt_embeddings"
+
+    def head_key(self, name: str) -> str:
+        return PEFT_PROMPT_LEARNING_PREFIX + name
 
     def peft_config(self, model: nn.Module) -> dict:
         config = model.config
@@ -116,6 +109,10 @@ class Prompt(Delta):
             "num_transformer_submodules": 1,
             "prompt_tuning_init": "RANDOM",
         }
+
+    @classmethod
+    def from_peft(cls, config: dict) -> dict:
+        return {"kind": cls.kind, "length": config["num_virtual_tokens"]}
 
 
 def _after_prompt(kwargs: dict, length: int) -> dict:

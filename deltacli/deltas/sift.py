@@ -24,32 +24,21 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from deltacli.deltas.base import Delta, DeltaConfig, Increment, register
-from deltacli.deltas.targets import linear_targets, modules_by_name
+from deltacli.deltas.base import PEFT_PREFIX, Delta, DeltaConfig, Increment, register
+from deltacli.deltas.targets import is_transposed, linear_targets, modules_by_name
 from deltacli.errors import DeltacliError
-from deltacli.schema import option
+from deltacli.schema import AT_LEAST_ONE, DENSITY, option
 
 # SIFT's GLUE setting: the attention projections q, k, v, o.
-PRESETS: dict[str, list[str]] = {
-    "bert": ["query", "key", "value", "attention.output.dense"],
-    "roberta": ["query", "key", "value", "attention.output.dense"],
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin"],
-    "gpt2": ["c_attn", "attn.c_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "t5": ["q", "k", "v", "o"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj"],
-}
+ROLES = ("query", "key", "value", "output")
 MASK_FILE = "masks.safetensors"
 
 
 @dataclasses.dataclass
 class SiftConfig(DeltaConfig):
     density: float = option(
-        0.008, "share of each targeted matrix that trains (paper: 0.008 on GLUE)"
+        0.008, "share of each targeted matrix that trains (paper: 0.008 on GLUE)", DENSITY
     )
     targets: list[str] | None = option(
         None, "module patterns; null: the attention projections; [all-linear]: every linear"
@@ -57,7 +46,9 @@ class SiftConfig(DeltaConfig):
     select: Literal["gradient", "magnitude", "random"] = option(
         "gradient", "how the trained entries are chosen"
     )
-    select_batches: int = option(1, "batches whose accumulated |gradient| chooses (no update)")
+    select_batches: int = option(
+        1, "batches whose accumulated |gradient| chooses (no update)", AT_LEAST_ONE
+    )
     mask: str | None = option(
         None, "reuse the indices saved by `deltacli sparsify --from-gradients` (a directory)"
     )
@@ -65,12 +56,6 @@ class SiftConfig(DeltaConfig):
         None,
         "entries kept per target, in order (written by sparsify --by global); null: from density",
     )
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.density <= 1.0:
-            raise DeltacliError(f"sift density must be in (0, 1], got {self.density}")
-        if self.select_batches < 1:
-            raise DeltacliError("sift select_batches must be at least 1")
 
 
 class _GradientTap(torch.autograd.Function):
@@ -125,20 +110,21 @@ class Sift(Delta):
                 f"sift counts lists {len(counts)} entries for {len(self.targets)} targets"
             )
         self.sites: dict[str, _Site] = {}
-        self._hooks = []
         for name, count in zip(self.targets, counts, strict=True):
             module = modules[name]
-            weight = module.weight
-            module.sift_values = nn.Parameter(torch.zeros(count, device=weight.device))
-            module.register_buffer(
-                "sift_indices", torch.zeros(count, dtype=torch.long, device=weight.device)
+            device = module.weight.device
+            values = nn.Parameter(torch.zeros(count, device=device))
+            self.add_parameter(module, "sift_values", values)
+            self.add_buffer(
+                module, "sift_indices", torch.zeros(count, dtype=torch.long, device=device)
             )
-            module.register_buffer("sift_base", torch.zeros(count, device=weight.device))
-            self.sites[name] = _Site(module, count)
-            self._hooks.append(module.register_forward_pre_hook(partial(self._sync, name)))
-            self._hooks.append(module.register_forward_hook(partial(self._tap, name)))
-            self.params[f"{name}.sift_values"] = module.sift_values
-        if mask is not None and weight.device.type != "meta":
+            self.add_buffer(module, "sift_base", torch.zeros(count, device=device))
+            site = self.sites[name] = _Site(module, count)
+            self.on_detach(partial(_restore, site))
+            self.add_hook(module.register_forward_pre_hook(partial(self._sync, name)))
+            self.add_hook(module.register_forward_hook(partial(self._tap, name)))
+            self.params[f"{name}.sift_values"] = values
+        if mask is not None and device.type != "meta":
             self.load(mask)
 
     def _sync(self, name: str, module: nn.Module, args: tuple) -> None:
@@ -154,9 +140,8 @@ class Sift(Delta):
     def _tap(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor):
         if not (self.sites[name].ready and torch.is_grad_enabled()):
             return output
-        transposed = isinstance(module, Conv1D)
         return _GradientTap.apply(
-            output, args[0], module.sift_values, module.sift_indices, transposed
+            output, args[0], module.sift_values, module.sift_indices, is_transposed(module)
         )
 
     def calibrate(self, model: nn.Module, batches, accelerator) -> None:
@@ -196,13 +181,13 @@ class Sift(Delta):
                 site.ready, site.synced = True, -1
 
     def saved_names(self) -> list[str]:
-        return [f"{name}.sift_{part}" for name in self.targets for part in ("indices", "values")]
+        return [key for name in self.targets for key in increment(name, None, None)]
 
     def export(self) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         tensors = {}
         for name, site in self.sites.items():
-            tensors[f"{name}.sift_indices"] = site.module.sift_indices.detach()
-            tensors[f"{name}.sift_values"] = site.module.sift_values.detach()
+            module = site.module
+            tensors |= increment(name, module.sift_indices.detach(), module.sift_values.detach())
         counts = [site.count for site in self.sites.values()]
         config = dataclasses.replace(self.config, mask=None, counts=self.config.counts and counts)
         return config, tensors
@@ -220,23 +205,16 @@ class Sift(Delta):
             for name in self.targets
         }
 
-    def detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        with torch.no_grad():
-            for site in self.sites.values():
-                module = site.module
-                if site.ready:
-                    module.weight.view(-1)[module.sift_indices] = module.sift_base.to(
-                        module.weight.dtype
-                    )
-                del module.sift_values, module.sift_indices, module.sift_base
-        super().detach()
+
+def increment(module: str, indices: torch.Tensor | None, values: torch.Tensor | None) -> dict:
+    """A sparse increment of `module`'s weight under the names a SIFT delta saves it by: flat
+    indices into the weight and the values added there."""
+    return {f"{module}.sift_indices": indices, f"{module}.sift_values": values}
 
 
 def sift_targets(model: nn.Module, patterns: list[str] | None) -> list[str]:
     """The linear modules a SIFT delta with these patterns trains (null: the preset)."""
-    return linear_targets(model, patterns, PRESETS, "SIFT")
+    return linear_targets(model, patterns, ROLES, "SIFT")
 
 
 def _gradient_scores(
@@ -263,6 +241,14 @@ def _gradient_scores(
     return {name: accelerator.reduce(score, reduction="sum") for name, score in scores.items()}
 
 
+def _restore(site: _Site) -> None:
+    """Put the base values back where the increments were written."""
+    if site.ready:
+        module = site.module
+        with torch.no_grad():
+            module.weight.view(-1)[module.sift_indices] = module.sift_base.to(module.weight.dtype)
+
+
 def _scatter(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     increment = torch.zeros(weight.numel(), dtype=torch.float32)
     increment[indices] = values
@@ -277,7 +263,7 @@ def _read_mask(folder: Path, targets: list[str]) -> dict[str, torch.Tensor]:
         raise DeltacliError(
             f"{folder} holds no {MASK_FILE}; make one with `deltacli sparsify --from-gradients`"
         )
-    tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(path).items()}
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(path).items()}
     missing = [t for t in targets if f"{t}.sift_indices" not in tensors]
     if missing:
         raise DeltacliError(f"the mask in {folder} has no indices for {missing[0]}")

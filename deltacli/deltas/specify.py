@@ -18,8 +18,15 @@ from functools import partial
 import torch
 from torch import nn
 
-from deltacli.deltas.base import Delta, DeltaConfig, Increment, register
-from deltacli.deltas.targets import layer_index, minimal_suffixes, select
+from deltacli.deltas.base import (
+    PEFT_PREFIX,
+    Delta,
+    DeltaConfig,
+    Increment,
+    peft_patterns,
+    register,
+)
+from deltacli.deltas.targets import in_layers, layer_count, minimal_suffixes, select
 from deltacli.errors import DeltacliError
 from deltacli.schema import option
 
@@ -55,6 +62,7 @@ class ModulesConfig(SpecifyConfig):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.targets:
             raise DeltacliError("a `modules` delta needs targets, e.g. targets=[LayerNorm]")
 
@@ -74,7 +82,7 @@ class Specify(Delta):
         params = dict(model.named_parameters())
         names = self.choose(model)
         if self.config.layers is not None:
-            names = _in_layers(names, self.config.layers, params)
+            names = in_layers(names, self.config.layers, layer_count(list(params)))
         if not names:
             raise DeltacliError(f"the {self.kind} delta chose no parameters in this model")
         self.params = {name: params[name] for name in names}
@@ -86,19 +94,6 @@ class Specify(Delta):
 def _replacement(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A specified parameter's trained value replaces the base weight: ΔW = value - W."""
     return value - weight
-
-
-def _in_layers(names: list[str], layers: list[int], params: dict) -> list[str]:
-    indices = [i for i in map(layer_index, params) if i is not None]
-    if not indices:
-        raise DeltacliError("`layers` was given but this model's parameter names have no layers")
-    count = max(indices) + 1
-    wanted = set()
-    for layer in layers:
-        if not -count <= layer < count:
-            raise DeltacliError(f"layer {layer} is out of range: the model has {count} layers")
-        wanted.add(layer % count)
-    return [n for n in names if layer_index(n) in wanted]
 
 
 def _norm_modules(model: nn.Module) -> list[str]:
@@ -132,12 +127,16 @@ class LayerNorm(Specify):
 
     def peft_key(self, name: str) -> str:
         module, leaf = name.rsplit(".", 1)
-        return f"base_model.model.{module}.ln_tuning_layers.{leaf}"
+        return f"{PEFT_PREFIX}{module}.ln_tuning_layers.{leaf}"
 
     def peft_config(self, model: nn.Module) -> dict:
         chosen = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in self.params))
         names = [n for n, _ in model.named_modules() if n]
         return {"target_modules": minimal_suffixes(chosen, names)}
+
+    @classmethod
+    def from_peft(cls, config: dict) -> dict:
+        return {"kind": cls.kind, "targets": peft_patterns(config.get("target_modules"))}
 
 
 @register

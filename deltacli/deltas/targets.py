@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterable
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from deltacli.architectures import HEADS, LM_HEADS, architecture
 from deltacli.errors import DeltacliError
-from deltacli.models import HEAD_NAMES
 
 # Top-level modules that are a task or LM head: never targets of `all-linear`.
-_HEADS = (*HEAD_NAMES, "lm_head")
+_HEADS = (*HEADS, *LM_HEADS)
 
 _INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 
@@ -100,30 +100,73 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """Whether the layer stores its weight as (in, out): GPT-2's Conv1D (PEFT's
+    `fan_in_fan_out`)."""
+    return isinstance(module, Conv1D)
+
+
 def features(module: nn.Module) -> tuple[int, int]:
-    """A linear layer's (in, out) features; Conv1D stores its weight as (in, out)."""
-    if isinstance(module, Conv1D):
+    """A linear layer's (in, out) features, whichever way it stores its weight."""
+    if is_transposed(module):
         return module.weight.shape[0], module.weight.shape[1]
     return module.in_features, module.out_features
 
 
 def linear_targets(
-    model: nn.Module, patterns: list[str] | None, presets: dict[str, list[str]], kind: str
+    model: nn.Module, patterns: list[str] | None, roles: tuple[str, ...], kind: str
 ) -> list[str]:
     """The linear modules a delta attaches to: `patterns`, `[all-linear]` (every linear layer
-    of the body), or, for null, the preset of the model's architecture."""
+    of the body), or, for null, the architecture's patterns of `roles`."""
     modules = modules_by_name(model)
     if patterns == ["all-linear"]:
         return [n for n, m in modules.items() if is_linear(m) and n.split(".")[0] not in _HEADS]
     if patterns is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in presets:
-            raise DeltacliError(
-                f"no {kind} target preset for model type {model_type!r}; name the modules, "
-                "e.g. deltas.0.targets=[q_proj,v_proj], or use [all-linear]"
-            )
-        patterns = presets[model_type]
+        fix = "name the modules, e.g. deltas.0.targets=[q_proj,v_proj], or use [all-linear]"
+        patterns = architecture(model, f"{kind} target preset", fix).patterns(*roles)
     return select(modules, patterns, what="linear module", keep=lambda n: is_linear(modules[n]))
+
+
+def in_layers(names: list[str], layers: list[int] | None, count: int) -> list[str]:
+    """The names in the chosen layers of a `count`-layer stack (-1 is the last); all of them
+    when `layers` is None."""
+    if layers is None:
+        return names
+    wanted = set()
+    for layer in layers:
+        if not -count <= layer < count:
+            raise DeltacliError(f"layer {layer} is out of range: the model has {count} layers")
+        wanted.add(layer % count)
+    return [n for n in names if layer_index(n) in wanted]
+
+
+def layer_count(names: list[str]) -> int:
+    """How many layers the stack these names come from has (the largest index + 1)."""
+    indices = [i for i in map(layer_index, names) if i is not None]
+    if not indices:
+        raise DeltacliError("`layers` was given but this model's names have no layer indices")
+    return max(indices) + 1
+
+
+def partner(name: str, candidates: list[str]) -> str | None:
+    """The candidate in the same block as `name`: the one sharing the longest dotted prefix
+    with it, which must reach past the block's index (`encoder.block.3.` is not
+    `decoder.block.3.`)."""
+    parts = name.split(".")
+
+    def shared(other: str) -> int:
+        count = 0
+        for a, b in zip(parts, other.split("."), strict=False):
+            if a != b:
+                break
+            count += 1
+        return count
+
+    best = max(candidates, key=shared, default=None)
+    if best is None:
+        return None
+    common = parts[: shared(best)]
+    return best if any(part.isdigit() for part in common) else None
 
 
 def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:

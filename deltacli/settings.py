@@ -1,0 +1,93 @@
+"""The data and training sections of a recipe, as validated dataclasses.
+
+They live apart from `recipe.py` because the code that reads data and trains takes them
+without needing the rest of a recipe (its deltas, its task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from deltacli.schema import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NOT_NEGATIVE,
+    POSITIVE,
+    Range,
+    check_ranges,
+    option,
+)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: str = option(
+        "sst2:train",
+        "training data: a csv/tsv/json/jsonl/parquet file, a bundled sample (sst2:train) "
+        "or a Hub dataset NAME[:SPLIT]",
+    )
+    eval: str | None = option(
+        "sst2:validation", "evaluation data, same forms; null: hold out eval_fraction of train"
+    )
+    eval_fraction: float = option(
+        0.1, "share of train held out for evaluation when eval is null", Range(0, 1, True, True)
+    )
+    hub_config: str | None = option(None, "configuration name of a Hub dataset (e.g. sst2)")
+    text: str = option("sentence", "column holding the text (seq2seq: the source)")
+    text_pair: str | None = option(None, "column holding the second text of sentence pairs")
+    label: str = option("label", "column holding the label")
+    target: str = option("target", "seq2seq: column holding the target text")
+    format: Literal["auto", "alpaca", "chat", "text"] = option(
+        "auto", "causal-lm records: alpaca, chat (messages) or text; auto: from the columns"
+    )
+    packing: bool = option(False, "causal-lm: pack examples into rows of max_length tokens")
+    labels: list[int | str] | None = option(
+        None, "label values in id order; null: the sorted values found in the training data"
+    )
+    max_length: int = option(128, "tokens per example; longer examples are truncated", AT_LEAST_ONE)
+    max_train_rows: int | None = option(
+        None, "train on the first N rows only; null: all", AT_LEAST_ONE
+    )
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "data.")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: float = option(3.0, "passes over the training data", POSITIVE)
+    max_steps: int | None = option(
+        None, "stop after this many optimizer steps; null: epochs", AT_LEAST_ONE
+    )
+    batch_size: int = option(32, "examples per step and process, before accumulation", POSITIVE)
+    eval_batch_size: int = option(64, "examples per evaluation batch", POSITIVE)
+    grad_accum: int = option(1, "batches whose gradients add up to one optimizer step", POSITIVE)
+    lr: float = option(5.0e-4, "peak learning rate of AdamW", POSITIVE)
+    weight_decay: float = option(0.01, "AdamW weight decay, applied to matrices only", NOT_NEGATIVE)
+    warmup_ratio: float = option(
+        0.06, "share of steps spent warming the learning rate up", FRACTION
+    )
+    max_grad_norm: float | None = option(
+        1.0, "clip the gradient norm to this; null: no clipping", POSITIVE
+    )
+    seed: int = option(42, "seed for initialisation, shuffling and dropout")
+    log_every: int = option(10, "optimizer steps between lines of metrics.jsonl", POSITIVE)
+    keep_best: bool = option(True, "save the epoch with the best eval metric, not the last")
+    best_metric: str = option(
+        "auto",
+        "metric that picks the best epoch (one the task reports); auto: the task's own "
+        "(accuracy for classification, loss for generation)",
+    )
+    mask_prompt: bool = option(True, "causal-lm: the loss sees only the responses")
+    gradient_checkpointing: bool = option(False, "recompute activations to save memory")
+    preview: int = option(
+        0, "generative tasks: show this many eval generations before/after", NOT_NEGATIVE
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "autocast precision passed to accelerate (GPU; the CPU runs fp32)"
+    )
+    cpu: bool = option(False, "train on the CPU even where an accelerator is present")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "train.")
