@@ -99,11 +99,11 @@ def run_reference(model: Path, method: str, steps: int) -> dict:
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deltacli.data import batches, load_task_data
+    from deltacli.data import batches
 
     rec = recipe(model, method, steps)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    data = load_task_data(rec.data, rec.task_entry, tokenizer, rec.train.seed)
+    data = rec.task_entry.load_data(rec.data, tokenizer, rec.train.seed)
     torch.manual_seed(rec.train.seed)
     net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     net.config.use_cache = False

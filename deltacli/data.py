@@ -14,7 +14,6 @@ import dataclasses
 import importlib.resources
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import datasets
 import torch
@@ -23,9 +22,6 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from deltacli.errors import DeltacliError
 from deltacli.settings import DataConfig
-
-if TYPE_CHECKING:  # the registry passes itself in; data need not import it
-    from deltacli.tasks import Task
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
@@ -99,15 +95,9 @@ class TaskData:
     )  # eval (prompt, reference)
 
 
-def load_task_data(
-    config: DataConfig,
-    task: Task,
-    tokenizer: PreTrainedTokenizerBase,
-    seed: int,
-    mask_prompt: bool = True,
-) -> TaskData:
-    """Everything training needs from the data section of a recipe: the tables, split when
-    there is no eval set, then encoded as the task encodes them."""
+def load_tables(config: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The train and eval tables of a recipe's data section; without eval data, a seeded
+    share of the training rows is held out."""
     train = load_table(config.train, config.hub_config)
     if config.eval:
         evaluation = load_table(config.eval, config.hub_config)
@@ -116,7 +106,7 @@ def load_task_data(
         train, evaluation = split["train"], split["test"]
     if config.max_train_rows is not None:
         train = train.select(range(min(config.max_train_rows, len(train))))
-    return task.prepare(train, evaluation, config, tokenizer, mask_prompt)
+    return train, evaluation
 
 
 def prepare_classes(

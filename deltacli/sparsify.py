@@ -24,7 +24,7 @@ from rich.progress import Progress
 
 from deltacli.build import prepare_model
 from deltacli.checkpoint import Checkpoint
-from deltacli.data import batches, load_task_data
+from deltacli.data import batches
 from deltacli.deltas.sift import SiftConfig, increment, sift_targets
 from deltacli.deltas.targets import minimal_suffixes, modules_by_name
 from deltacli.errors import DeltacliError
@@ -333,7 +333,7 @@ def masks_from_gradients(recipe: Recipe, output: Path, overwrite: bool = False) 
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model)
     task = recipe.task_entry
-    data = load_task_data(recipe.data, task, tokenizer, recipe.train.seed)
+    data = task.load_data(recipe.data, tokenizer, recipe.train.seed)
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, labels=data.labels))
     model, deltas = prepare_model(recipe)
     accelerator = make_accelerator()

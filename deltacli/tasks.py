@@ -17,9 +17,10 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    PreTrainedTokenizerBase,
 )
 
-from deltacli.data import classes_for_scoring, pad_classes, prepare_classes
+from deltacli.data import TaskData, classes_for_scoring, load_tables, pad_classes, prepare_classes
 from deltacli.errors import DeltacliError, did_you_mean
 from deltacli.lm_data import (
     causal_prompts,
@@ -31,6 +32,7 @@ from deltacli.lm_data import (
     tokens_for_scoring,
 )
 from deltacli.scoring import score_classes, score_tokens
+from deltacli.settings import DataConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,17 @@ class Task:
     collate: Callable  # (tokenizer, encoded table) -> collator
     score: Callable  # (model, batches, accelerator) -> metrics
     prompts: Callable | None = None  # (table, data config, tokenizer) -> (prompt, reference)
+
+    def load_data(
+        self,
+        config: DataConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        mask_prompt: bool = True,
+    ) -> TaskData:
+        """Everything training needs from a recipe's data section, encoded for this task."""
+        train, evaluation = load_tables(config, seed)
+        return self.prepare(train, evaluation, config, tokenizer, mask_prompt)
 
 
 CLASSIFICATION = Task(

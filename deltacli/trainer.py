@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from transformers import get_linear_schedule_with_warmup
 
 from deltacli.build import check_attaches, parameter_counts, prepare_model
-from deltacli.data import batches, load_task_data
+from deltacli.data import batches
 from deltacli.evaluate import evaluate, generate
 from deltacli.models import load_tokenizer, resolve
 from deltacli.recipe import Recipe
@@ -108,8 +108,8 @@ class Trainer:
         set_seed(config.seed)
         self.tokenizer = load_tokenizer(recipe.model)
         self.task = recipe.task_entry
-        self.data = load_task_data(
-            recipe.data, self.task, self.tokenizer, config.seed, config.mask_prompt
+        self.data = self.task.load_data(
+            recipe.data, self.tokenizer, config.seed, config.mask_prompt
         )
         self.recipe = dataclasses.replace(
             recipe, data=dataclasses.replace(recipe.data, labels=self.data.labels)
