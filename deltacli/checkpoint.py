@@ -64,9 +64,25 @@ class Checkpoint:
         self.close()
 
 
+def check_files(folder: Path) -> None:
+    """Refuse, by file and tensor, a checkpoint whose shards are damaged or cut short,
+    before a loader reads them (headers only: no tensor is read)."""
+    index = _index(folder)
+    files = dict.fromkeys(index["weight_map"].values()) if index else ["model.safetensors"]
+    for file in files:
+        if not (folder / file).is_file():
+            raise DeltacliError(f"{folder / INDEX_FILE} lists {file}, which is missing")
+        ShardReader(folder / file).close()
+
+
 def _index(folder: Path) -> dict | None:
     if (folder / INDEX_FILE).is_file():
-        return json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+        try:
+            index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+            index["weight_map"].values()
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise DeltacliError(f"{folder / INDEX_FILE} is not a shard index ({error})") from None
+        return index
     if (folder / "model.safetensors").is_file():
         return None
     pickled = any(folder.glob("*.bin"))

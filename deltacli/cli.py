@@ -7,7 +7,9 @@ the traceback).
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,6 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from deltacli.errors import DeltacliError
+
+try:  # typer 0.2x carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
 
 app = typer.Typer(
     name="deltacli",
@@ -79,19 +86,32 @@ def train(
             "--output", "-o", help=r"Delta directory to write \[default: runs/NAME-TIME]."
         ),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace --output if it exists.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace --output if it is a directory deltacli wrote.")
+    ] = False,
     mask: Annotated[
         str | None,
         typer.Option(help="Index masks for sparse deltas, from `sparsify --from-gradients`."),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue the interrupted run that was writing this output, from its newest "
+            "checkpoint, with its own recipe (train.* overrides allowed).",
+            metavar="OUTPUT",
+        ),
     ] = None,
 ) -> None:
     """Fine-tune a delta (LoRA, BitFit, LayerNorm, ... or full) and save it.
 
     Shows progress, evaluates after every epoch, keeps the best epoch, and writes a delta
     directory (PEFT's format where PEFT has the method) with the resolved recipe and metrics.
+    Checkpoints at every epoch's end (train.save_every=N: every N steps); Ctrl-C or SIGTERM
+    saves one and says how to --resume.
     """
     from deltacli.recipe import load_recipe, recipe_file, with_mask
     from deltacli.render import preview_table, train_summary
+    from deltacli.trainer import resume as resume_training
     from deltacli.trainer import train as run_training
 
     settings: dict[str, str | None] = {"model": model} if model else {}
@@ -99,10 +119,18 @@ def train(
         settings |= {"data.train": data, "data.eval": eval_data}
     elif eval_data:
         settings["data.eval"] = eval_data
-    resolved = load_recipe(recipe_file(method, recipe), overrides or [], settings)
-    if mask:
-        resolved = with_mask(resolved, mask)
-    result = run_training(resolved, output, overwrite, console=err)
+    if resume is not None:
+        if settings or method or recipe or mask or output:
+            raise DeltacliError(
+                "--resume continues a run with its saved recipe and output; drop --method, "
+                "--recipe, --model, --data, --eval-data, --mask and --output"
+            )
+        result = resume_training(resume, overrides or [], console=err)
+    else:
+        resolved = load_recipe(recipe_file(method, recipe), overrides or [], settings)
+        if mask:
+            resolved = with_mask(resolved, mask)
+        result = run_training(resolved, output, overwrite, console=err)
     if result.metrics and _is_main_process():
         out.print(train_summary(str(result.output), result.metrics))
         if result.metrics.get("preview"):
@@ -138,6 +166,13 @@ def evaluate(
     generations: Annotated[
         Path, typer.Option(help="JSONL file for the generations and their references.")
     ] = Path("generations.jsonl"),
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="The delta's task, for a PEFT adapter saved without task_type "
+            "[default: the delta's, else the base model's config]."
+        ),
+    ] = None,
     json: Json = False,
 ) -> None:
     """Score base model + delta on a data set: accuracy, macro-F1 and Matthews correlation,
@@ -148,7 +183,7 @@ def evaluate(
 
     columns = {"text": text, "text_pair": text_pair, "label": label}
     request = GenerationRequest(generate, generations, max_new_tokens, sample) if generate else None
-    metrics = score_delta(delta, data, model, columns, batch_size, request)
+    metrics = score_delta(delta, data, model, columns, batch_size, request, task)
     if json:
         print_json(out, metrics)
     else:
@@ -393,15 +428,43 @@ def _is_main_process() -> bool:
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and an exit code."""
+    """Entry point: run the app, turning user errors, usage mistakes and interrupts into one
+    line and an exit code (2 for mistakes, 130/143 for Ctrl-C/SIGTERM)."""
+    from deltacli.interrupts import Stopped, raise_on_stop_signals
+
+    raise_on_stop_signals()
+    debug = os.environ.get("DELTACLI_DEBUG") == "1"
     try:
-        app()
+        app(standalone_mode=False)
     except DeltacliError as error:
-        if os.environ.get("DELTACLI_DEBUG") == "1":
+        if debug:
             raise
-        message = " ".join(str(error).split())
-        err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-        sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]")
-        sys.exit(130)
+        _fail(error.label, str(error), error.exit_code)
+    except click_errors.NoArgsIsHelpError:
+        pass  # typer has shown the help
+    except click_errors.UsageError as error:
+        message = error.format_message().replace("Value error, ", "").rstrip(".")
+        where = f" (see: {error.ctx.command_path} --help)" if error.ctx else ""
+        _fail("error", f"{message}{where}", 2)
+    except click_errors.ClickException as error:
+        _fail("error", error.format_message(), error.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        _fail("interrupted", "stopped by Ctrl-C; nothing was left half-written", 130)
+    except Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        _fail("interrupted", f"stopped by {name}; nothing was left half-written", 128 + stop.signum)
+    except OSError as error:
+        if debug or error.errno not in _USER_OS_ERRORS:
+            raise
+        _fail("error", f"{error.strerror}: {error.filename or ''}".rstrip(": "), 2)
+
+
+# Operating-system errors that are the machine's state, not deltacli's bug: a full or
+# read-only disk, a missing permission.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
+
+
+def _fail(label: str, message: str, code: int) -> None:
+    line = " ".join(message.split())
+    err.print(f"[bold red]{label}:[/] {escape(line)}", soft_wrap=True, highlight=False)
+    sys.exit(code)

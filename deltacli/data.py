@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.resources
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +48,11 @@ def load_table(spec: str, hub_config: str | None = None) -> datasets.Dataset:
     path = bundled.get(spec) or Path(spec).expanduser()
     if path.is_file():
         return _read_file(path)
-    if path.suffix in _BUILDERS or path.is_dir():
+    if path.is_dir():
+        raise DeltacliError(
+            f"data {spec} is a directory; give a .csv/.tsv/.json/.jsonl/.parquet file"
+        )
+    if path.suffix in _BUILDERS:
         raise DeltacliError(f"data file {spec} does not exist")
     name, _, split = spec.partition(":")
     try:
@@ -64,14 +69,56 @@ def _read_file(path: Path) -> datasets.Dataset:
     builder = _BUILDERS.get(path.suffix)
     if builder is None:
         raise DeltacliError(f"cannot read {path}: use a .csv, .tsv, .json, .jsonl or .parquet file")
+    if builder != "parquet":
+        _check_text(path)
     # GLUE-style TSV files hold unbalanced quotes that are text, not quoting.
     options = {"sep": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
     try:
-        return datasets.load_dataset(
+        table = datasets.load_dataset(
             builder, data_files=str(path), split="train", keep_in_memory=True, **options
         )
     except Exception as error:
-        raise DeltacliError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+        causes = [str(e).strip() for e in _chain(error) if str(e).strip()]
+        raise DeltacliError(f"cannot read {path}: {causes[-1].splitlines()[0]}") from None
+    if len(table) == 0:
+        raise DeltacliError(f"{path} holds no rows (an empty file, or a header alone)")
+    return table
+
+
+def _check_text(path: Path) -> None:
+    """Text data must be UTF-8, and JSON lines each a JSON object: say which line is not
+    (the reader underneath reports a generic failure)."""
+    if path.stat().st_size == 0:
+        raise DeltacliError(f"{path} is empty")
+    rows = 0
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, 1):
+            rows += bool(raw.strip())
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DeltacliError(
+                    f"{path} line {number} is not UTF-8 text (byte {raw[error.start]:#04x} at "
+                    f"column {error.start + 1}); save the file as UTF-8"
+                ) from None
+            if path.suffix == ".jsonl" and line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DeltacliError(
+                        f"{path} line {number} is not valid JSON (column {error.colno}: "
+                        f"{error.msg})"
+                    ) from None
+    if rows <= (1 if path.suffix in (".csv", ".tsv") else 0):
+        raise DeltacliError(f"{path} holds no rows (an empty file, or a header alone)")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from, outermost first."""
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    return chain
 
 
 @dataclasses.dataclass
@@ -204,17 +251,35 @@ def encode(
             )
         return ids[key]
 
+    truncated = 0
+
     def tokenize(batch: dict) -> dict:
+        nonlocal truncated
         texts = [t or "" for t in batch[config.text]]
         pairs = [t or "" for t in batch[config.text_pair]] if config.text_pair else None
         encoded = tokenizer(texts, pairs, truncation=True, max_length=config.max_length)
+        truncated += _cut(tokenizer, encoded, texts, pairs, config.max_length)
         encoded["labels"] = [label_id(v) for v in batch[config.label]]
         return encoded
 
     encoded = table.map(
         tokenize, batched=True, remove_columns=table.column_names, keep_in_memory=True
     )
-    return Encoded(encoded, 0)
+    return Encoded(encoded, truncated)
+
+
+def _cut(tokenizer, encoded, texts: list[str], pairs: list[str] | None, limit: int) -> int:
+    """How many examples of a batch truncation shortened. A fast tokenizer keeps what it cut
+    (`overflowing`); a slow one is asked again, untruncated, for the rows that hit the limit."""
+    if encoded.encodings is not None:
+        return sum(bool(e.overflowing) for e in encoded.encodings)
+    full = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) >= limit]
+    if not full:
+        return 0
+    again = tokenizer(
+        [texts[i] for i in full], [pairs[i] for i in full] if pairs else None, verbose=False
+    )
+    return sum(len(ids) > limit for ids in again["input_ids"])
 
 
 def pad_classes(tokenizer: PreTrainedTokenizerBase, table: datasets.Dataset) -> Callable:

@@ -12,6 +12,7 @@ class DeltacliError(Exception):
     """Something the user can fix: shown as one line on stderr, exit code 2, no traceback."""
 
     exit_code = 2
+    label = "error"  # how the line starts
 
 
 class VerificationError(DeltacliError):

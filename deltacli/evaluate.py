@@ -103,13 +103,16 @@ def score_delta(
     columns: dict[str, str | None] | None = None,
     batch_size: int = 64,
     generation: GenerationRequest | None = None,
+    task: str | None = None,
 ) -> dict[str, float]:
     """Score base model + the delta in `folder` (deltacli's or PEFT's) on `data`.
 
-    `columns` overrides the saved recipe's column names. For generative tasks, `generation`
-    also asks for generations, written beside their references to a JSONL file and scored.
+    `columns` overrides the saved recipe's column names; `task` the delta's task (for a PEFT
+    adapter saved without one, the base model's config decides otherwise). For generative
+    tasks, `generation` also asks for generations, written beside their references to a
+    JSONL file and scored.
     """
-    saved = read_delta(folder, model)
+    saved = read_delta(folder, model, task)
     recipe = saved.recipe
     data_config = _with_columns(recipe.data, columns)
     tokenizer = load_tokenizer(recipe.model)

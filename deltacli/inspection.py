@@ -82,6 +82,7 @@ class DeltaReport:
     metrics: dict
     recipe: dict
     densities: dict[str, float]
+    problems: list[str]  # files of the delta that could not be read
 
 
 def inspect_model(model_spec: str, recipe: Recipe | None) -> ModelReport:
@@ -137,6 +138,7 @@ def inspect_delta(folder: Path) -> DeltaReport:
         metrics=saved.metrics,
         recipe=recipe_to_dict(saved.recipe),
         densities=densities,
+        problems=saved.problems,
     )
 
 

@@ -10,10 +10,12 @@ the weights can be folded; the others are refused before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,8 +28,9 @@ from deltacli.checkpoint import INDEX_FILE, Checkpoint
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
 from deltacli.models import local_dir
+from deltacli.outputs import atomic_dir, check_output, notice_on
 from deltacli.shards import ShardWriter, TensorInfo
-from deltacli.store import SavedDelta, atomic_dir, check_output, read_delta, write_json
+from deltacli.store import SavedDelta, read_delta, write_json
 from deltacli.verify import verify_merge
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -97,7 +100,10 @@ def merge(
             0,
             0.0,
         )
-        with atomic_dir(output, overwrite) as scratch:
+        with (
+            _out_of_space(output, checkpoint),
+            atomic_dir(output, overwrite, "merged model", notice_on(console)) as scratch,
+        ):
             weight_map = _write_shards(checkpoint, plan, scratch, dtype, report, console)
             if checkpoint.index is not None:
                 total = sum((scratch / f).stat().st_size for f in set(weight_map.values()))
@@ -112,6 +118,22 @@ def merge(
                 report.max_logit_difference = verify_merge(base_dir, saved, scratch)
     report.seconds = round(time.perf_counter() - started, 2)
     return report
+
+
+@contextlib.contextmanager
+def _out_of_space(output: Path, checkpoint: Checkpoint) -> Iterator[None]:
+    """A full disk is one line that says how much the merge needs (nothing is left behind:
+    the scratch folder is gone by the time this runs)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        size = sum(info.nbytes for info in map(checkpoint.info, checkpoint.keys))
+        raise DeltacliError(
+            f"no space left on the device while writing {output}: the merged model needs "
+            f"about {size / 2**20:,.1f} MB free; nothing was written"
+        ) from None
 
 
 def plan_increments(saved: list[SavedDelta], weights: list[float]) -> Plan:

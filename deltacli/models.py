@@ -14,9 +14,11 @@ from pathlib import Path
 import huggingface_hub
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer
 
 from deltacli.architectures import HEADS
+from deltacli.checkpoint import check_files
 from deltacli.errors import DeltacliError
 from deltacli.tasks import inferred
 from deltacli.tasks import task as task_entry
@@ -96,8 +98,10 @@ def _from_hub(loader, spec: str, **kwargs):
         resolved = resolved.parent
     try:
         return loader(str(resolved), **kwargs)
-    except OSError as error:
-        reason = str(error).strip().splitlines()[0]
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if resolved.exists():  # a local model that transformers cannot read
+            raise DeltacliError(f"cannot load model {spec!r}: {reason}") from None
         raise DeltacliError(
             f"cannot load model {spec!r}: not a local directory, and the Hugging Face Hub "
             f"did not provide it ({reason}); pass a local directory with --model"
@@ -152,6 +156,9 @@ def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
 def load_model(spec: str, task: str, labels: list | None) -> transformers.PreTrainedModel:
     """The model with its pretrained weights in fp32 (the head, if new, is initialised)."""
     _refuse_bare_config(spec)
+    folder = Path(resolve(spec))
+    if folder.is_dir():
+        check_files(folder)
     config = load_config(spec, labels)
     model_class = task_entry(task).model_class
     return _from_hub(model_class.from_pretrained, spec, config=config, dtype=torch.float32)

@@ -17,6 +17,7 @@ import yaml
 
 from deltacli.deltas import DeltaConfig, kind_class
 from deltacli.errors import DeltacliError, did_you_mean
+from deltacli.files import read_mapping
 from deltacli.schema import build, option, to_dict
 from deltacli.settings import DataConfig, TrainConfig
 from deltacli.tasks import DEFAULT, TASKS, Task, task
@@ -85,12 +86,7 @@ def load_recipe(
 ) -> Recipe:
     """The validated recipe in `file` with typed `settings` (dotted key -> value, from
     command-line options) and then `key=value` text overrides applied."""
-    try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise DeltacliError(f"{file} is not valid YAML: {error}".splitlines()[0]) from None
-    if not isinstance(raw, dict):
-        raise DeltacliError(f"{file} must hold a mapping of recipe keys")
+    raw = read_mapping(file, "recipe keys") if file.read_bytes().strip() else {}
     raw.setdefault("name", file.stem)
     for key, value in (settings or {}).items():
         set_value(raw, key, value)

@@ -219,6 +219,8 @@ def delta_report(report: DeltaReport) -> list[Table]:
     for key, name in METRIC_NAMES.items():
         if key in report.metrics.get("eval", {}):
             summary.add_row(f"eval {name}", f"{report.metrics['eval'][key]:.4f}")
+    for problem in report.problems:
+        summary.add_row("[yellow]unreadable[/]", escape(problem))
     tables = [
         summary,
         groups_table(report.groups, "saved tensors by module", report.parameters, "% of delta"),

@@ -74,6 +74,12 @@ class TrainConfig:
     seed: int = option(42, "seed for initialisation, shuffling and dropout")
     log_every: int = option(10, "optimizer steps between lines of metrics.jsonl", POSITIVE)
     keep_best: bool = option(True, "save the epoch with the best eval metric, not the last")
+    save_every: int | None = option(
+        None,
+        "write a resumable checkpoint every N optimizer steps; null: at each epoch's end",
+        AT_LEAST_ONE,
+    )
+    keep_checkpoints: int = option(1, "how many of the newest checkpoints to keep", AT_LEAST_ONE)
     best_metric: str = option(
         "auto",
         "metric that picks the best epoch (one the task reports); auto: the task's own "

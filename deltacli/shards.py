@@ -52,30 +52,62 @@ class TensorInfo:
 
 
 class ShardReader:
-    """One safetensors file: its header at once, its tensors one `read` at a time."""
+    """One safetensors file: its header at once, its tensors one `read` at a time.
+
+    The header is checked against the file before anything is read: every tensor's bytes
+    must match its dtype and shape and lie inside the file, so a truncated download or a
+    damaged shard is refused by name, never read as zeros."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.file: BinaryIO = path.open("rb")
         try:
-            (length,) = struct.unpack("<Q", self.file.read(8))
-            header = json.loads(self.file.read(length))
-        except (struct.error, ValueError) as error:
+            self._read_header()
+        except BaseException:
             self.file.close()
+            raise
+
+    def _read_header(self) -> None:
+        path, size = self.path, os.fstat(self.file.fileno()).st_size
+        try:
+            (length,) = struct.unpack("<Q", self.file.read(8))
+            if 8 + length > size:
+                raise ValueError(f"its header claims {length:,} bytes of a {size:,}-byte file")
+            header = json.loads(self.file.read(length))
+            self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            self.offsets = {name: entry["data_offsets"] for name, entry in header.items()}
+            entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+            self.info = {
+                name: TensorInfo(DTYPES[entry["dtype"]], tuple(entry["shape"]))
+                for name, entry in entries
+            }
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
             raise DeltacliError(f"{path} is not a safetensors file ({error})") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + length
-        self.offsets = {name: entry["data_offsets"] for name, entry in header.items()}
-        self.info = {
-            name: TensorInfo(DTYPES[entry["dtype"]], tuple(entry["shape"]))
-            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-        }
+        for name, info in self.info.items():
+            start, end = self.offsets[name]
+            if end - start != info.nbytes or start < 0:
+                raise DeltacliError(
+                    f"{path}: the header gives tensor {name} {end - start:,} bytes, but its "
+                    f"dtype and shape need {info.nbytes:,}; the file is damaged"
+                )
+            if self.data_start + end > size:
+                found = max(0, size - self.data_start - start)
+                raise DeltacliError(
+                    f"{path} ends early: tensor {name} needs {info.nbytes:,} bytes, the file "
+                    f"holds {found:,} of them ({size:,} bytes in all); download or copy it again"
+                )
 
     def read(self, name: str) -> torch.Tensor:
         start, end = self.offsets[name]
         buffer = bytearray(end - start)
         self.file.seek(self.data_start + start)
-        self.file.readinto(buffer)
+        got = self.file.readinto(buffer)
+        if got != len(buffer):  # the file shrank after its header was checked
+            raise DeltacliError(
+                f"{self.path} ends early: tensor {name} needs {len(buffer):,} bytes, "
+                f"{got:,} were read"
+            )
         info = self.info[name]
         if not buffer:
             return torch.empty(info.shape, dtype=info.dtype)
@@ -136,7 +168,7 @@ class ShardWriter:
                 done = self.file.write(reader.file.read(min(length, 1 << 26)))
                 self.file.flush()
             if done == 0:
-                raise ValueError(f"{reader.path} ends inside tensor {key}")
+                raise DeltacliError(f"{reader.path} ends early, inside tensor {key}")
             offset, length = offset + done, length - done
 
     def _next(self, name: str, info: TensorInfo) -> None:

@@ -38,12 +38,13 @@ from deltacli.models import (
     load_tokenizer,
     local_dir,
 )
+from deltacli.outputs import atomic_dir, check_output, notice_on
 from deltacli.recipe import Recipe
 from deltacli.runtime import make_accelerator
 from deltacli.schema import DENSITY
 from deltacli.settings import DataConfig
-from deltacli.store import atomic_dir, check_output, is_delta_dir, read_delta, write_delta
-from deltacli.tasks import DEFAULT
+from deltacli.store import is_delta_dir, read_delta, write_delta
+from deltacli.tasks import DEFAULT, inferred
 
 _BUCKETS = 1 << 16  # |Δ| histogram buckets: the top 16 bits of a float32
 
@@ -70,16 +71,25 @@ class SparsifyReport:
 
 
 class TunedModel:
-    """Tuned weights from a whole model directory."""
+    """Tuned weights from a whole model directory (a task model, or a bare body such as a
+    domain-adapted sentence encoder: then only the tensors both checkpoints have count)."""
 
     note = None
 
     def __init__(self, folder: Path, base: Path) -> None:
-        self.labels = config_labels(load_config(str(folder)))
-        self.task = DEFAULT
+        config = load_config(str(folder))
+        self.labels = config_labels(config)
+        self.task = inferred(config) or DEFAULT
         self.model = build_on_meta(str(folder), self.task, self.labels)
         self.checkpoint = Checkpoint(folder, self.model)
         self.base = Checkpoint(base, self.model)
+        self.tensors = set(self.checkpoint.keys)
+
+    def matrices(self, targets: list[str] | None) -> list[str]:
+        """The targeted weight matrices (every linear layer by default) that both have."""
+        chosen = sift_targets(self.model, targets or ["all-linear"])
+        both = set(self.checkpoint.keys) & set(self.base.keys)
+        return [f"{name}.weight" for name in chosen if f"{name}.weight" in both]
 
     def read(self, name: str) -> torch.Tensor:
         return self.checkpoint.read(name).float()
@@ -107,12 +117,11 @@ class TunedDelta:
     def __init__(self, folder: Path, base: Path) -> None:
         saved = read_delta(folder, model=str(base))
         self.plan: Plan = plan_increments([saved], [1.0])
-        self.model, self.task, self.labels = (
-            self.plan.model,
-            saved.recipe.task,
-            saved.recipe.data.labels,
-        )
+        self.task, self.labels = saved.recipe.task, saved.recipe.data.labels
+        # The base's own modules (the plan's model also holds the delta's, e.g. lora_A).
+        self.model = build_on_meta(str(base), self.task, self.labels)
         self.base = Checkpoint(base, self.model)
+        self.tensors = set(self.base.keys) | set(self.plan.increments)
         kinds = ", ".join(sorted({delta.kind for delta in saved.recipe.deltas}))
         # A delta that only replaces weights (full fine-tuning) is the tuned model itself.
         self.note = (
@@ -128,6 +137,15 @@ class TunedDelta:
             before = torch.zeros(self.plan.shapes[name])
         changes = self.plan.increments.get(name)
         return apply_increments(before, changes) if changes else before.float()
+
+    def matrices(self, targets: list[str] | None) -> list[str]:
+        """The targeted weight matrices; by default the ones the delta changes (a LoRA's
+        budget is not spent on matrices it never touched)."""
+        changed = set(self.plan.increments)
+        if targets:
+            return [f"{n}.weight" for n in sift_targets(self.model, targets)]
+        linear = sift_targets(self.model, ["all-linear"])
+        return [f"{name}.weight" for name in linear if f"{name}.weight" in changed]
 
     def changed(self, skip: set[str]) -> set[str]:
         return set(self.plan.increments) - skip
@@ -162,9 +180,7 @@ def sparsify(
         else TunedModel(local_dir(tuned), base_dir)
     )
     try:
-        report = _sparsify(
-            base, source, output, density, by, targets or ["all-linear"], overwrite, console
-        )
+        report = _sparsify(base, source, output, density, by, targets, overwrite, console)
     finally:
         source.close()
     if eval_data:
@@ -180,8 +196,15 @@ def sparsify(
 
 def _sparsify(base, source, output, density, by, targets, overwrite, console) -> SparsifyReport:
     modules = modules_by_name(source.model)
-    matrices = [f"{name}.weight" for name in sift_targets(source.model, targets)]
-    head = {n for m in head_modules(source.model) for n, _ in modules[m].named_parameters(prefix=m)}
+    matrices = source.matrices(targets)
+    if not matrices:
+        raise DeltacliError("the tuned weights change none of the targeted matrices")
+    head = {
+        name
+        for module in head_modules(source.model)
+        for name, _ in modules[module].named_parameters(prefix=module)
+        if name in source.tensors
+    }
 
     def update(name: str) -> torch.Tensor:
         before = source.base.read(name).float() if name in source.base.keys else 0.0
@@ -207,7 +230,7 @@ def _sparsify(base, source, output, density, by, targets, overwrite, console) ->
         counts=[len(kept[m][0]) for m in matrices] if by == "global" else None,
     )
     recipe = _recipe(base, source, sift, bool(head))
-    with atomic_dir(output, overwrite) as scratch:
+    with atomic_dir(output, overwrite, "sparse delta", notice_on(console)) as scratch:
         write_values(scratch, recipe, values, {"sparsify": {"density": density, "by": by}})
     return SparsifyReport(
         output=str(output),
@@ -342,6 +365,6 @@ def masks_from_gradients(recipe: Recipe, output: Path, overwrite: bool = False) 
     model, loader = accelerator.prepare(model, loader)
     deltas.calibrate(accelerator.unwrap_model(model), loader, accelerator)
     configs, tensors = deltas.export()
-    with atomic_dir(output, overwrite) as scratch:
+    with atomic_dir(output, overwrite, "SIFT masks") as scratch:
         write_delta(scratch, dataclasses.replace(recipe, deltas=configs), tensors, None)
     return deltas.densities()

@@ -12,75 +12,28 @@ Nothing is ever pickled: tensors are safetensors, the rest YAML and JSON.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
+from deltacli.files import read_mapping
+from deltacli.models import saved_task
 from deltacli.peft_format import peft_config, recipe_from_peft
 from deltacli.recipe import Recipe, dump_recipe, parse_recipe
+from deltacli.tasks import DEFAULT
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "metrics.jsonl"
-
-
-def check_output(target: Path, overwrite: bool) -> None:
-    """Fail before any work if `target` exists and may not be replaced."""
-    if target.exists() and not overwrite:
-        raise DeltacliError(f"output directory {target} exists; pass --overwrite to replace it")
-    if target.exists() and not target.is_dir():
-        raise DeltacliError(f"output {target} exists and is not a directory")
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `target` to fill; rename it into place only on success.
-
-    A crash or Ctrl-C leaves at most a hidden `.NAME.tmp-*` folder, never a `target` that
-    looks complete; an old `target` is replaced only once the new one is whole.
-    """
-    check_output(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    scratch = target.parent / f".{target.name}.tmp-{tag}"
-    scratch.mkdir()
-    try:
-        yield scratch
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    _default_permissions(scratch)
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{tag}"
-        target.rename(old)
-        scratch.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        scratch.rename(target)
-
-
-def _default_permissions(folder: Path) -> None:
-    """Files as the user's umask would make them (safetensors writes 0600 temporaries)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.rglob("*"):
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -125,6 +78,7 @@ class SavedDelta:
     tensors: dict
     metrics: dict
     source: str  # "deltacli" or "peft"
+    problems: list[str] = dataclasses.field(default_factory=list)  # what could not be read
 
     def values_for(self, deltas: DeltaSet) -> dict[str, torch.Tensor]:
         """The saved tensors by name for `deltas` (attached from this recipe), refusing
@@ -157,18 +111,21 @@ def is_delta_dir(folder: Path) -> bool:
     return (folder / RECIPE_FILE).is_file() or (folder / PEFT_CONFIG_FILE).is_file()
 
 
-def read_delta(folder: Path, model: str | None = None) -> SavedDelta:
+def read_delta(folder: Path, model: str | None = None, task: str | None = None) -> SavedDelta:
     """Read a deltacli delta (recipe.yaml) or a PEFT adapter (adapter_config.json).
 
-    `model` replaces the base model the delta names (e.g. a local copy of it).
+    `model` replaces the base model the delta names (e.g. a local copy of it). A PEFT adapter
+    saved without a `task_type` (PEFT's own default) gets `task`, or the one the base
+    model's config was saved for. A damaged `metrics.json` only costs the figures: they are
+    reported missing in `problems`, the delta still loads.
     """
     if not folder.is_dir():
         raise DeltacliError(f"delta directory {folder} does not exist")
     tensors = _read_tensors(folder)
     if (folder / RECIPE_FILE).is_file():
-        raw, source = yaml.safe_load((folder / RECIPE_FILE).read_text(encoding="utf-8")), "deltacli"
+        raw, source = read_mapping(folder / RECIPE_FILE, "a recipe"), "deltacli"
     elif (folder / PEFT_CONFIG_FILE).is_file():
-        config = json.loads((folder / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
+        config = read_mapping(folder / PEFT_CONFIG_FILE, "PEFT's adapter config")
         raw, source = recipe_from_peft(config, tensors), "peft"
     else:
         raise DeltacliError(
@@ -177,9 +134,24 @@ def read_delta(folder: Path, model: str | None = None) -> SavedDelta:
         )
     if model is not None:
         raw["model"] = model
-    metrics_file = folder / METRICS_FILE
-    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
-    return SavedDelta(folder, parse_recipe(raw), tensors, metrics, source)
+    if task is not None or "task" not in raw:
+        raw["task"] = task or _task_of(raw["model"])
+    metrics, problems = {}, []
+    if (folder / METRICS_FILE).is_file():
+        try:
+            metrics = read_mapping(folder / METRICS_FILE, "training figures")
+        except DeltacliError as error:
+            problems.append(str(error))
+    return SavedDelta(folder, parse_recipe(raw), tensors, metrics, source, problems)
+
+
+def _task_of(model: str) -> str:
+    """The task the base model's config names, or the default where it names none (or
+    cannot be read here: whatever loads the model then says why)."""
+    try:
+        return saved_task(model) or DEFAULT
+    except DeltacliError:
+        return DEFAULT
 
 
 def _read_tensors(folder: Path) -> dict:
@@ -189,6 +161,14 @@ def _read_tensors(folder: Path) -> dict:
         hint = " (only a pickled adapter_model.bin, which deltacli never loads)" if pickled else ""
         raise DeltacliError(f"{folder} has no {WEIGHTS_FILE}{hint}")
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except SafetensorError as error:
         raise DeltacliError(f"{path} is not a valid safetensors file: {error}") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise DeltacliError(
+                f"{path}: tensor {key} holds {bad:,} NaN or infinite value(s); the delta is "
+                "damaged (or its training diverged) and cannot be used"
+            )
+    return tensors

@@ -11,23 +11,37 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_linear_schedule_with_warmup
 
 from deltacli.build import check_attaches, parameter_counts, prepare_model
 from deltacli.data import batches
+from deltacli.errors import DeltacliError
 from deltacli.evaluate import evaluate, generate
+from deltacli.interrupts import Interrupted, StopRequest, stop_requests
 from deltacli.models import load_tokenizer, resolve
-from deltacli.recipe import Recipe
+from deltacli.outputs import CHECKPOINTS, Scratch, check_output, has_checkpoint
+from deltacli.recipe import Recipe, dump_recipe, load_recipe
+from deltacli.resume import (
+    checkpoint_name,
+    checkpoints,
+    find_run,
+    read_checkpoint,
+    restore_random_state,
+    write_checkpoint,
+    write_random_state,
+)
 from deltacli.runtime import make_accelerator, versions
-from deltacli.store import LOG_FILE, atomic_dir, check_output, save_delta
+from deltacli.store import LOG_FILE, RECIPE_FILE, save_delta
 
 
 @dataclasses.dataclass
@@ -41,33 +55,145 @@ def default_output(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+# Recipe sections a resumed run may not change: the model, what it learns, the data, the
+# deltas. (`train.*` may change, e.g. a lower learning rate after a diverged run.)
+_FIXED_ON_RESUME = ("model", "task", "head", "data", "deltas")
+
+
 def train(
     recipe: Recipe,
     output: Path | None = None,
     overwrite: bool = False,
     console: Console | None = None,
 ) -> TrainResult:
-    """Train `recipe`'s deltas and save the best epoch's delta to `output`."""
+    """Train `recipe`'s deltas and save the best epoch's delta to `output`, checkpointing
+    as `train.save_every` asks so that `resume` can continue an interrupted run."""
     output = output or default_output(recipe)
     check_output(output, overwrite)
-    trainer = Trainer(recipe, console)
-    main = trainer.accelerator.is_main_process
-    with (
-        atomic_dir(output, overwrite) if main else contextlib.nullcontext() as scratch,
-        MetricsLog(scratch / LOG_FILE if scratch else None) as log,
-    ):
-        before = trainer.preview()
-        metrics = trainer.fit(log)
-        if before:
-            after = trainer.preview()
-            metrics["preview"] = [
-                {"prompt": p, "before": b, "after": a, "reference": r}
-                for (p, r), b, a in zip(trainer.data.prompts, before, after, strict=False)
-            ]
-        if scratch:
-            save_delta(scratch, trainer.deltas, trainer.recipe, resolve(recipe.model), metrics)
-    trainer.accelerator.wait_for_everyone()
+    return _run(recipe, output, overwrite, console, None)
+
+
+def resume(output: Path, overrides: list[str] = (), console: Console | None = None) -> TrainResult:
+    """Continue the run that was writing `output` from its newest checkpoint, with the
+    recipe it saved (`train.*` overrides allowed)."""
+    fixed = [o for o in overrides if o.split("=")[0].split(".")[0] in _FIXED_ON_RESUME]
+    if fixed:
+        raise DeltacliError(
+            f"--resume continues the run's own recipe; {fixed[0]!r} would change its model, "
+            "data or deltas (only train.* settings may change)"
+        )
+    folder, checkpoint = find_run(output)
+    recipe = load_recipe(folder / RECIPE_FILE, list(overrides))
+    return _run(recipe, output, True, console, (folder, checkpoint))
+
+
+def _run(
+    recipe: Recipe,
+    output: Path,
+    overwrite: bool,
+    console: Console | None,
+    resuming: tuple[Path, Path] | None,
+) -> TrainResult:
+    trainer = Trainer(recipe, console, resuming[1] if resuming else None)
+    run = RunFolder.open(trainer, output, overwrite, resuming)
+    try:
+        with MetricsLog(run.log_path(trainer.log_bytes)) as log:
+            before = trainer.preview()
+            metrics = trainer.fit(log, run)
+            if before:
+                after = trainer.preview()
+                metrics["preview"] = [
+                    {"prompt": p, "before": b, "after": a, "reference": r}
+                    for (p, r), b, a in zip(trainer.data.prompts, before, after, strict=False)
+                ]
+            run.finish(trainer, metrics)
+    except BaseException:
+        run.abandon()
+        raise
     return TrainResult(output, trainer.recipe, metrics)
+
+
+class RunFolder:
+    """Where a run writes: the scratch folder that becomes the delta directory, and its
+    checkpoints. Every process knows its path (they all save random state into
+    checkpoints); only the main process writes the rest."""
+
+    def __init__(self, trainer: Trainer, scratch: Scratch | None, path: Path) -> None:
+        self.accelerator = trainer.accelerator
+        self.scratch, self.path = scratch, path
+        self.recipe = trainer.recipe
+        self.save_every = trainer.recipe.train.save_every
+        self.keep = trainer.recipe.train.keep_checkpoints
+        self.target = scratch.target if scratch else None
+
+    @classmethod
+    def open(
+        cls, trainer: Trainer, output: Path, overwrite: bool, resuming: tuple[Path, Path] | None
+    ) -> RunFolder:
+        scratch = None
+        if trainer.accelerator.is_main_process:
+            notice = trainer.notice
+            if resuming:
+                scratch = Scratch.adopt(output, resuming[0])
+            else:
+                scratch = Scratch.create(output, overwrite, notice)
+                (scratch.path / RECIPE_FILE).write_text(dump_recipe(trainer.recipe), "utf-8")
+        path = broadcast_object_list([scratch.path if scratch else None])[0]
+        return cls(trainer, scratch, path)
+
+    def log_path(self, keep_bytes: int | None) -> Path | None:
+        """The training log (main process); a resumed run first drops what the interrupted
+        one logged after its checkpoint."""
+        if self.scratch is None:
+            return None
+        log = self.path / LOG_FILE
+        if keep_bytes is not None and log.is_file():
+            with log.open("r+b") as file:
+                file.truncate(keep_bytes)
+        return log
+
+    def due(self, step: int) -> bool:
+        return self.save_every is not None and step % self.save_every == 0
+
+    def save(self, trainer: Trainer, log: MetricsLog) -> Path:
+        """A checkpoint of the trainer as it stands (every process takes part)."""
+        write_random_state(self.path, self.accelerator.process_index)
+        self.accelerator.wait_for_everyone()
+        saved = self.path / CHECKPOINTS / checkpoint_name(trainer.step)
+        if self.accelerator.is_main_process:
+            tensors, state = trainer.checkpoint_state()
+            state["log_bytes"] = log.size()
+            saved = write_checkpoint(self.path, trainer.step, tensors, state, self.keep)
+        self.accelerator.wait_for_everyone()
+        return saved
+
+    def resume_hint(self) -> str:
+        return f"deltacli train --resume {self.target or '<output>'}"
+
+    def finish(self, trainer: Trainer, metrics: dict) -> None:
+        """Write the delta, drop the checkpoints, and rename the folder into place."""
+        if self.scratch is not None:
+            base = resolve(trainer.recipe.model)
+            try:
+                save_delta(self.path, trainer.deltas, trainer.recipe, base, metrics)
+            except OSError as error:
+                kept = checkpoints(self.path)
+                where = (
+                    f"; its last checkpoint is kept: free space and run {self.resume_hint()}"
+                    if kept
+                    else ""
+                )
+                raise DeltacliError(
+                    f"cannot write the trained delta to {self.path} ({error.strerror}){where}"
+                ) from None
+            shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
+            self.scratch.publish("delta")
+        self.accelerator.wait_for_everyone()
+
+    def abandon(self) -> None:
+        """After a failure: keep the folder if a checkpoint can resume it, else remove it."""
+        if self.scratch is not None and not has_checkpoint(self.path):
+            self.scratch.discard()
 
 
 class MetricsLog:
@@ -81,6 +207,9 @@ class MetricsLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
+    def size(self) -> int:
+        return self.file.tell() if self.file else 0
+
     def close(self) -> None:
         if self.file:
             self.file.close()
@@ -93,9 +222,10 @@ class MetricsLog:
 
 
 class Trainer:
-    """Set-up in `__init__` (cheap checks first, then data, model, optimisation), then `fit`."""
+    """Set-up in `__init__` (cheap checks first, then data, model, optimisation; the state
+    of a checkpoint when resuming), then `fit`."""
 
-    def __init__(self, recipe: Recipe, console: Console | None) -> None:
+    def __init__(self, recipe: Recipe, console: Console | None, checkpoint: Path | None = None):
         self.started = time.perf_counter()
         config = recipe.train
         self.accelerator = make_accelerator(
@@ -123,34 +253,51 @@ class Trainer:
             # Non-reentrant checkpointing needs no input that requires grad (the base is frozen).
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
         self._setup_optimisation()
-        self._announce()
+        self.step, self.epoch, self.position = 0, 1, 0
+        self.meter, self.history, self.best = Throughput(), [], None
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.epoch_order = self.order.get_state()
+        self.log_bytes: int | None = None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:
+            # Deltas that look at data first (SIFT picks its entries) do so on the plain module.
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            self.deltas.calibrate(unwrapped, self.train_batches, self.accelerator)
+            self.epoch_order = self.order.get_state()
+        self._announce(checkpoint)
 
     def _setup_optimisation(self) -> None:
         config = self.recipe.train
-        params = list(self.deltas.parameters().values())
+        params = self.deltas.parameters()
+        matrices = [name for name, p in params.items() if p.ndim >= 2]
+        vectors = [name for name, p in params.items() if p.ndim < 2]
+        self.param_names = matrices + vectors  # the optimizer's own order (its state's keys)
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            {"params": [params[n] for n in matrices], "weight_decay": config.weight_decay},
+            {"params": [params[n] for n in vectors], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
         collate = self.task.collate(self.tokenizer, self.data.train)
         train_batches = batches(self.data.train, collate, config.batch_size, True, config.seed)
+        self.order = train_batches.generator  # draws each epoch's order: a checkpoint keeps it
         eval_collate = self.task.collate(self.tokenizer, self.data.eval)
         eval_batches = batches(self.data.eval, eval_collate, config.eval_batch_size, False)
         self.model, self.optimizer, self.train_batches, self.eval_batches = (
             self.accelerator.prepare(self.model, optimizer, train_batches, eval_batches)
         )
-        # Deltas that look at data first (SIFT picks its entries) do so on the plain module.
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        self.deltas.calibrate(unwrapped, self.train_batches, self.accelerator)
         self.steps_per_epoch = math.ceil(len(self.train_batches) / config.grad_accum)
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
         self.scheduler = get_linear_schedule_with_warmup(
             optimizer, round(config.warmup_ratio * self.total_steps), self.total_steps
         )
-        self.params = params
+        self.params = list(params.values())
 
-    def _announce(self) -> None:
+    def notice(self, line: str) -> None:
+        if self.console:
+            self.console.print(f"[yellow]{escape(line)}[/]")
+
+    def _announce(self, checkpoint: Path | None) -> None:
         counts = parameter_counts(self.model)
         self.counts = counts
         if self.console:
@@ -162,32 +309,52 @@ class Trainer:
                 f"{self.accelerator.num_processes} process(es)"
             )
             if self.data.truncated:
-                self.console.print(
-                    f"[yellow]{self.data.truncated:,} examples were cut at "
-                    f"data.max_length={self.recipe.data.max_length} tokens[/]"
+                self.notice(
+                    f"{self.data.truncated:,} examples were cut at "
+                    f"data.max_length={self.recipe.data.max_length} tokens"
                 )
+            if checkpoint is not None:
+                self.notice(f"resumed from {checkpoint} (step {self.step} of {self.total_steps})")
 
-    def fit(self, log: MetricsLog) -> dict:
+    def fit(self, log: MetricsLog, run: RunFolder | None = None) -> dict:
         """Train for the recipe's budget, evaluating after every epoch; return the metrics of
-        the best epoch (the last, without `keep_best`), with that epoch's delta loaded."""
-        self.log, self.meter, self.step, self.history = log, Throughput(), 0, []
-        self.best: dict | None = None
+        the best epoch (the last, without `keep_best`), with that epoch's delta loaded.
+
+        With a run folder, checkpoints are written as the recipe asks and at every epoch's
+        end, and a stop signal ends the run at the next step with a checkpoint."""
         self.model.train()
-        with self._progress() as progress:
-            bar = progress.add_task("train", total=self.total_steps, loss=0.0, lr=0.0, speed=0.0)
-            epoch = 0
+        self.meter.resume()
+        with self._progress() as progress, stop_requests() as stop:
+            bar = progress.add_task(
+                "train", total=self.total_steps, completed=self.step, loss=0.0, lr=0.0, speed=0.0
+            )
             while self.step < self.total_steps:
-                epoch += 1
-                self._train_epoch(epoch, progress, bar)
+                if not self._train_epoch(log, run, stop, progress, bar):
+                    break  # the budget ran out inside the epoch
                 self.meter.pause()
-                self._evaluate_epoch(epoch)
+                self._evaluate_epoch(log)
                 self.meter.resume()
+                self.epoch, self.position = self.epoch + 1, 0
+                self.epoch_order = self.order.get_state()
+                if run and self.step < self.total_steps:
+                    self._checkpoint(log, run, stop)
+            if not self.history or self.history[-1]["step"] != self.step:
+                self.meter.pause()
+                self._evaluate_epoch(log)
         self.deltas.load_state_dict(self.best_state)
         return self._summary()
 
-    def _train_epoch(self, epoch: int, progress: Progress, bar: int) -> None:
-        for batch in self.train_batches:
+    def _train_epoch(
+        self, log: MetricsLog, run: RunFolder | None, stop: StopRequest, progress, bar
+    ) -> bool:
+        """One pass over the training batches, from `self.position` on (a resumed run skips
+        those it trained on); False if the step budget ran out first."""
+        self.order.set_state(self.epoch_order)
+        for index, batch in enumerate(self.train_batches):
+            if index < self.position:
+                continue
             loss = self._step(batch)
+            self.position = index + 1
             self.meter.add(len(batch["labels"]) * self.accelerator.num_processes, loss)
             if not self.accelerator.sync_gradients:
                 continue
@@ -196,15 +363,44 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             progress.update(bar, advance=1, loss=self.meter.loss, lr=lr, speed=self.meter.rate)
             if self.step % self.recipe.train.log_every == 0:
-                self.log.write(step=self.step, epoch=epoch, loss=self.meter.loss, lr=lr)
+                log.write(step=self.step, epoch=self.epoch, loss=self.meter.loss, lr=lr)
             if self.step >= self.total_steps:
-                return
+                return False
+            if run and (run.due(self.step) or self._agreed(stop.signum is not None)):
+                self._checkpoint(log, run, stop)
+        return True
 
-    def _evaluate_epoch(self, epoch: int) -> None:
+    def _checkpoint(self, log: MetricsLog, run: RunFolder, stop: StopRequest) -> None:
+        """Save a checkpoint; after a stop signal, end the run saying how to continue it."""
+        self.meter.pause()
+        saved = run.save(self, log)
+        self.meter.resume()
+        signum = self._agreed_signal(stop.signum)
+        if signum:
+            raise Interrupted(
+                f"stopped at step {self.step} of {self.total_steps}; checkpoint saved in "
+                f"{saved}; continue with: {run.resume_hint()}",
+                signum,
+            )
+
+    def _agreed(self, flag: bool) -> bool:
+        """Whether any process raised `flag` (every process must stop at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def _agreed_signal(self, signum: int | None) -> int:
+        if self.accelerator.num_processes == 1:
+            return signum or 0
+        value = torch.tensor([float(signum or 0)], device=self.accelerator.device)
+        return int(self.accelerator.reduce(value, reduction="max").item())
+
+    def _evaluate_epoch(self, log: MetricsLog) -> None:
         """Score the eval set; remember this epoch's delta if it is the best so far."""
         scores = evaluate(self.model, self.eval_batches, self.accelerator, self.task)
-        self.history.append({"epoch": epoch, "step": self.step, **scores})
-        self.log.write(step=self.step, epoch=epoch, eval=scores)
+        self.history.append({"epoch": self.epoch, "step": self.step, **scores})
+        log.write(step=self.step, epoch=self.epoch, eval=scores)
         if self.best is None or not self.recipe.train.keep_best or self._better(scores, self.best):
             self.best = self.history[-1]
             self.best_state = {
@@ -229,12 +425,69 @@ class Trainer:
     def _step(self, batch: dict) -> float:
         with self.accelerator.accumulate(self.model):
             loss = self.model(**batch).loss
+            if self._agreed(not torch.isfinite(loss).item()):
+                raise DeltacliError(
+                    f"the training loss became {loss.item()} at step {self.step + 1} (a lower "
+                    "train.lr, or train.max_grad_norm, usually helps); the delta was not updated"
+                )
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.recipe.train.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.params, self.recipe.train.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything but the random generators that a resumed run needs (main process)."""
+        optimizer = self.optimizer.state_dict()
+        tensors = {f"delta.{k}": v for k, v in self.deltas.checkpoint_state().items()}
+        tensors |= {f"best.{k}": v for k, v in self.best_state.items()}
+        tensors["order"] = self.epoch_order
+        for index, state in optimizer["state"].items():
+            name = self.param_names[index]
+            tensors |= {f"optimizer.{name}.{k}": v for k, v in state.items()}
+        groups = [
+            {k: v for k, v in group.items() if k != "params"} | {"params": group["params"]}
+            for group in optimizer["param_groups"]
+        ]
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "processes": self.accelerator.num_processes,
+            "param_names": self.param_names,
+            "optimizer_groups": groups,
+            "scheduler": self.scheduler.state_dict(),
+            "meter": self.meter.state(),
+            "history": self.history,
+            "best": self.best,
+        }
+        return tensors, state
+
+    def _restore(self, checkpoint: Path) -> None:
+        """Put the trainer back where `checkpoint` left it."""
+        tensors, state = read_checkpoint(
+            checkpoint, self.accelerator.process_index, self.accelerator.num_processes
+        )
+        if state["param_names"] != self.param_names:
+            raise DeltacliError(f"{checkpoint} does not belong to this recipe's deltas")
+        self.deltas.restore(_prefixed(tensors, "delta."))
+        self.best_state = _prefixed(tensors, "best.")
+        self.epoch_order = tensors["order"]
+        optimizer_state = {}
+        for index, name in enumerate(self.param_names):
+            moments = _prefixed(tensors, f"optimizer.{name}.")
+            if moments:
+                optimizer_state[index] = moments
+        self.optimizer.load_state_dict(
+            {"state": optimizer_state, "param_groups": state["optimizer_groups"]}
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.meter.restore(state["meter"])
+        self.history, self.best = state["history"], state["best"]
+        self.log_bytes = state["log_bytes"]
+        restore_random_state(checkpoint, self.accelerator.process_index)
 
     def _progress(self) -> Progress | contextlib.nullcontext:
         return Progress(
@@ -279,12 +532,22 @@ class Trainer:
         }
 
 
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 class Throughput:
     """Samples per second of training time (evaluation excluded) and a running loss."""
 
     def __init__(self) -> None:
         self.samples, self.seconds, self.loss = 0, 0.0, math.nan
         self._since = time.perf_counter()
+
+    def state(self) -> dict:
+        return {"samples": self.samples, "seconds": self.seconds, "loss": self.loss}
+
+    def restore(self, state: dict) -> None:
+        self.samples, self.seconds, self.loss = state["samples"], state["seconds"], state["loss"]
 
     def add(self, samples: int, loss: float) -> None:
         self.samples += samples

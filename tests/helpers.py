@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -93,6 +96,23 @@ def batch(lengths=(7, 4, 5), seed: int = 1, low: int = 5, high: int = 60) -> dic
         ids[row, :length] = torch.randint(low, high, (length,), generator=generator)
         mask[row, :length] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits64(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The model's logits computed in float64. Two computations of one function (a merged
+    model and base + delta live, deltacli and PEFT) then differ by the float32 rounding of
+    their weights alone, not by the order a CPU's threads add in, so one bound fits every
+    machine."""
+    with torch.no_grad():
+        return model.double()(**inputs).logits
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """Equal up to rounding: at most `rel` of the values' own scale apart (1e-5: a hundred
+    float32 roundings; a wrong formula misses by orders of magnitude more)."""
+    scale = max(1.0, float(expected.abs().max()))
+    difference = float((actual.double() - expected.double()).abs().max())
+    assert difference <= rel * scale, f"{difference:.3g} apart (bound {rel:g} x {scale:.3g})"
 
 
 def randomize_trainable(model: torch.nn.Module, seed: int, std: float = 1.0) -> None:
@@ -201,3 +221,19 @@ def tiny_recipe(
             "train": {"epochs": 2, "batch_size": 16, "lr": 1e-2, "log_every": 1, **train},
         }
     )
+
+
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+
+
+def launcher(processes: int = 2) -> list[str]:
+    """`accelerate launch` for CPU processes (gloo) on a free port (one launch may still be
+    releasing the default port when the next starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port),
+    ]  # fmt: skip

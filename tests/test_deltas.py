@@ -13,7 +13,7 @@ from deltacli.deltas.specify import (
     ModulesConfig,
 )
 from deltacli.errors import DeltacliError
-from helpers import batch, tiny_model
+from helpers import assert_close, batch, tiny_model
 
 
 def trainable(model) -> set[str]:
@@ -41,7 +41,7 @@ def test_lora_changes_outputs_once_b_is_nonzero_and_scales_by_alpha_over_r():
     x = torch.randn(2, 32)
     expected = query.weight @ x.T + query.bias[:, None]
     expected += 2.0 * query.lora_B.weight @ query.lora_A.weight @ x.T
-    assert torch.allclose(query(x), expected.T, atol=1e-5)
+    assert_close(query(x), expected.T)
     assert deltas.deltas[0].scaling == 2.0
     assert not torch.equal(model(**inputs).logits, tiny_model()(**inputs).logits)
 

@@ -2,27 +2,11 @@
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-
-
-def launcher() -> list[str]:
-    """`accelerate launch` for 2 CPU processes on a free port (one launch may still be
-    releasing the default port when the next starts)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return [
-        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-    ]  # fmt: skip
+from helpers import ACCELERATE, launcher
 
 
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")

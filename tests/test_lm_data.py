@@ -9,7 +9,7 @@ from deltacli.errors import DeltacliError
 from deltacli.labels import IGNORE
 from deltacli.lm_data import encode_causal, pack
 from deltacli.settings import DataConfig
-from helpers import instruction_rows, word_tokenizer
+from helpers import assert_close, instruction_rows, word_tokenizer
 
 
 def encoded(rows, tokenizer, **config):
@@ -110,7 +110,7 @@ def test_truncation_is_counted():
 
 def test_packed_examples_neither_see_nor_teach_each_other(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval().double()
     single = encoded(instruction_rows(6, 0), tokenizer).table
     packed = pack(single, 48)
     row = packed[0]
@@ -124,7 +124,7 @@ def test_packed_examples_neither_see_nor_teach_each_other(tiny_llama):
         ).logits[0]
         for start, end in zip(starts, [*starts[1:], 48], strict=True):
             alone = model(input_ids=torch.tensor([row["input_ids"][start:end]])).logits[0]
-            assert torch.allclose(together[start:end], alone, atol=1e-5)
+            assert_close(together[start:end], alone)
 
 
 def test_seq2seq_loads_pairs_from_jsonl(pairs):

@@ -12,7 +12,7 @@ from deltacli.deltas.prefix import PrefixConfig
 from deltacli.deltas.prompt import PromptConfig
 from deltacli.deltas.specify import BitFitConfig
 from deltacli.errors import DeltacliError
-from helpers import batch, tiny_config, tiny_model
+from helpers import assert_close, batch, logits64, tiny_config, tiny_model
 
 IDENTITY_AT_START = {
     "houlsby": [AdapterConfig(at="attention", r=4), AdapterConfig(at="ffn", r=4)],
@@ -41,8 +41,7 @@ def perturb(deltas, seed=2):
 
 
 def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
+    return logits64(model, inputs)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -79,7 +78,7 @@ def test_padded_batch_equals_each_example_alone(arch, method):
     for row, length in enumerate(lengths):
         alone = batch(lengths)
         alone = {k: v[row : row + 1, :length] for k, v in alone.items()}
-        assert torch.allclose(logits(model, alone)[0], together[row], atol=1e-5), (method, row)
+        assert_close(logits(model, alone)[0], together[row])
 
 
 @pytest.mark.parametrize("method", ALL)
@@ -109,7 +108,7 @@ def test_hooks_at_different_places_compose_in_either_order():
                     torch.randn_like(param) * 0.2 + (1.0 if name.endswith("ia3_l") else 0.0)
                 )
         results.append(logits(model, batch()))
-    assert torch.allclose(results[0], results[1], atol=1e-6)
+    assert_close(results[0], results[1])
 
 
 def test_prefix_reaches_every_attention_layer():

@@ -22,7 +22,15 @@ from deltacli.evaluate import score_delta
 from deltacli.inspection import inspect_model
 from deltacli.recipe import parse_recipe
 from deltacli.store import read_delta, save_delta
-from helpers import batch, perturbed, randomize_trainable, tiny_config, tiny_model
+from helpers import (
+    assert_close,
+    batch,
+    logits64,
+    perturbed,
+    randomize_trainable,
+    tiny_config,
+    tiny_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +79,7 @@ def test_our_delta_loads_in_peft_with_equal_logits(bases, tmp_path, arch, delta)
     model, deltas = perturbed(recipe)
     save_delta(tmp_path, deltas, recipe, str(bases[arch]), None)
     peft_model = PeftModel.from_pretrained(base_model(bases[arch]), tmp_path).eval()
-    with torch.no_grad():
-        ours, theirs = model(**inputs()).logits, peft_model(**inputs()).logits
-    assert (ours - theirs).abs().max() <= 1e-5
+    assert_close(logits64(model, inputs()), logits64(peft_model, inputs()))
 
 
 @pytest.mark.parametrize(
@@ -115,9 +121,7 @@ def test_peft_adapter_loads_in_deltacli_with_equal_logits(bases, tmp_path, arch,
     assert saved.source == "peft"
     model, deltas = prepare_model(saved.recipe)
     saved.load_into(deltas)
-    with torch.no_grad():
-        ours, theirs = model.eval()(**inputs()).logits, peft_model(**inputs()).logits
-    assert (ours - theirs).abs().max() <= 1e-5
+    assert_close(logits64(model.eval(), inputs()), logits64(peft_model, inputs()))
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -139,14 +143,10 @@ def test_prefix_layout_is_peft_s(tmp_path, projection):
     ours.load_state_dict(peft_model.get_base_model().state_dict())
     deltas = attach(ours, [PrefixConfig(length=4)], None)
     deltas.load_state_dict({"prefix_encoder.embedding.weight": folded})
-    ids = torch.randint(5, 60, (2, 7))
-    with torch.no_grad():
-        expected = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_config(config).eval(), tmp_path
-        )
-        expected.get_base_model().load_state_dict(peft_model.get_base_model().state_dict())
-        theirs = expected(input_ids=ids).logits
-        assert (ours(input_ids=ids).logits - theirs).abs().max() <= 1e-5
+    ids = {"input_ids": torch.randint(5, 60, (2, 7))}
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_config(config).eval(), tmp_path)
+    expected.get_base_model().load_state_dict(peft_model.get_base_model().state_dict())
+    assert_close(logits64(ours, ids), logits64(expected, ids))
 
 
 def test_peft_adapter_scores_the_same_in_deltacli_eval(tiny_bert, sentiment, tmp_path):

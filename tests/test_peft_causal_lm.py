@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, TaskType, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from deltacli.build import prepare_model
 from deltacli.store import read_delta, save_delta
-from helpers import perturbed, randomize_trainable, tiny_recipe
+from helpers import assert_close, logits64, perturbed, randomize_trainable, tiny_recipe
 
 
 @pytest.mark.parametrize(
@@ -33,10 +34,8 @@ def test_peft_loads_our_causal_lm_deltas_with_equal_logits(
     peft = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path
     ).eval()
-    ids = torch.randint(4, 40, (2, 9))
-    with torch.no_grad():
-        ours, theirs = model(input_ids=ids).logits, peft(input_ids=ids).logits
-    assert (ours - theirs).abs().max() <= 1e-5
+    ids = {"input_ids": torch.randint(4, 40, (2, 9))}
+    assert_close(logits64(model, ids), logits64(peft, ids))
 
 
 @pytest.mark.parametrize(
@@ -56,6 +55,31 @@ def test_peft_causal_lm_adapters_load_in_deltacli(tiny_llama, tmp_path, config):
     assert saved.recipe.task == "causal-lm"
     model, deltas = prepare_model(saved.recipe)
     saved.load_into(deltas)
-    ids = torch.randint(4, 40, (2, 9))
-    with torch.no_grad():
-        assert (model.eval()(input_ids=ids).logits - peft(input_ids=ids).logits).abs().max() <= 1e-5
+    ids = {"input_ids": torch.randint(4, 40, (2, 9))}
+    assert_close(logits64(model.eval(), ids), logits64(peft, ids))
+
+
+def test_a_peft_adapter_without_task_type_merges_and_scores(
+    tiny_llama, instructions, tmp_path, cli
+):
+    """PEFT's own default `LoraConfig()` saves `task_type: null`, as many published adapters
+    are: the base's config (a LlamaForCausalLM) gives the task; the merge equals PEFT's."""
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=4))
+    randomize_trainable(peft, seed=5, std=0.3)
+    peft.save_pretrained(tmp_path / "adapter")
+    assert (
+        json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task_type"] is None
+    )
+    code, _, err = cli("merge", tiny_llama, tmp_path / "adapter", tmp_path / "merged")
+    assert code == 0, err
+    ours = load_file(tmp_path / "merged" / "model.safetensors")
+    theirs = peft.merge_and_unload().state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert_close(ours[name], tensor, rel=1e-6)
+    code, out, err = cli(
+        "eval", "--delta", tmp_path / "adapter", "--model", tiny_llama,
+        "--data", instructions["eval"], "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["perplexity"] > 1

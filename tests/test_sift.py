@@ -12,7 +12,7 @@ from deltacli.deltas.sift import SiftConfig
 from deltacli.merge import merge
 from deltacli.store import read_delta
 from deltacli.trainer import MetricsLog, Trainer, train
-from helpers import tiny_recipe
+from helpers import assert_close, logits64, tiny_recipe
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
 
@@ -93,7 +93,7 @@ def test_the_update_of_a_step_is_in_the_next_forward(tiny_bert, sentiment):
     expected = base.clone().view(-1)
     expected[module.sift_indices] += module.sift_values.detach()
     x = torch.randn(2, 32)
-    assert torch.allclose(module(x), F.linear(x, expected.view_as(base), module.bias), atol=1e-6)
+    assert_close(module(x), F.linear(x, expected.view_as(base), module.bias))
     assert module.sift_values.abs().sum() > 0
 
 
@@ -157,14 +157,12 @@ def test_saved_sparse_delta_reloads_and_merges_to_the_trained_logits(
     saved.load_into(deltas)
     inputs = batches(1)[0]
     inputs.pop("labels")
-    with torch.no_grad():
-        expected = live.eval()(**inputs).logits
+    expected = logits64(live.eval(), inputs)
     merge(str(tiny_bert), [result.output], tmp_path / "merged", verify=True)
     from transformers import AutoModelForSequenceClassification
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    with torch.no_grad():
-        assert (merged(**inputs).logits - expected).abs().max() <= 1e-5
+    assert_close(logits64(merged, inputs), expected)
 
 
 def test_inspect_reports_density_per_matrix(tiny_bert, sentiment, tmp_path):

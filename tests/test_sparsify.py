@@ -12,7 +12,7 @@ from deltacli.build import prepare_model
 from deltacli.sparsify import sparsify
 from deltacli.store import read_delta
 from deltacli.trainer import train
-from helpers import tiny_recipe
+from helpers import assert_close, logits64, tiny_recipe
 
 
 @pytest.fixture
@@ -38,8 +38,7 @@ def logits_of(folder, base):
     saved = read_delta(folder, model=str(base))
     model, deltas = prepare_model(saved.recipe)
     saved.load_into(deltas)
-    with torch.no_grad():
-        return model.eval()(**inputs()).logits
+    return logits64(model.eval(), inputs())
 
 
 def updates(base, tuned_dir):
@@ -59,11 +58,8 @@ def updates(base, tuned_dir):
 
 def test_density_one_is_lossless(tiny_bert, tuned, tmp_path):
     report = sparsify(str(tiny_bert), str(tuned), tmp_path / "sparse", density=1.0)
-    with torch.no_grad():
-        expected = (
-            AutoModelForSequenceClassification.from_pretrained(tuned).eval()(**inputs()).logits
-        )
-    assert (logits_of(tmp_path / "sparse", tiny_bert) - expected).abs().max() <= 1e-5
+    expected = logits64(AutoModelForSequenceClassification.from_pretrained(tuned).eval(), inputs())
+    assert_close(logits_of(tmp_path / "sparse", tiny_bert), expected)
     assert report.norm_kept == pytest.approx(1.0) and report.dropped == []
 
 
@@ -109,9 +105,66 @@ def test_a_lora_delta_is_densified_and_flagged_as_approximate(tiny_bert, sentime
         targets=["query", "value"],
     )
     assert "approximates" in report.note
-    assert (
-        logits_of(tmp_path / "sparse", tiny_bert) - logits_of(result.output, tiny_bert)
-    ).abs().max() <= 1e-5
+    assert_close(logits_of(tmp_path / "sparse", tiny_bert), logits_of(result.output, tiny_bert))
+
+
+def test_a_sparsified_lora_targets_the_matrices_it_changed_and_merges_like_it(
+    tiny_bert, sentiment, tmp_path, cli
+):
+    """The README's example: no --targets. The sparse delta names the base's query/value
+    matrices (not lora_A/lora_B), spends nothing elsewhere, and at density 1 merges to the
+    LoRA's own merge (up to float32 rounding of W + (W' - W))."""
+    train(
+        tiny_recipe(tiny_bert, sentiment, {"kind": "lora", "r": 2}, max_steps=3), tmp_path / "lora"
+    )
+    code, _, err = cli(
+        "sparsify", tiny_bert, tmp_path / "lora", tmp_path / "sparse", "--density", "1"
+    )
+    assert code == 0, err
+    recipe = read_delta(tmp_path / "sparse").recipe
+    assert recipe.deltas[0].targets == ["query", "value"]
+    keys = load_file(tmp_path / "sparse" / "adapter_model.safetensors")
+    assert {k.split(".")[-2] for k in keys if "sift" in k} == {"query", "value"}
+    for delta in ("lora", "sparse"):
+        code, _, err = cli("merge", tiny_bert, tmp_path / delta, tmp_path / f"merged-{delta}")
+        assert code == 0, err
+    code, _, err = cli("inspect", tmp_path / "sparse", "--json")
+    assert code == 0, err
+    code, out, err = cli(
+        "eval",
+        "--delta",
+        tmp_path / "sparse",
+        "--data",
+        sentiment["eval"],
+        "--text",
+        "text",
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["examples"] == 64, err
+    lora, sparse = (
+        load_file(tmp_path / f"merged-{d}" / "model.safetensors") for d in ("lora", "sparse")
+    )
+    assert lora.keys() == sparse.keys()
+    for name, weight in lora.items():
+        bound = 4 * torch.finfo(torch.float32).eps * max(1.0, float(weight.abs().max()))
+        assert (weight - sparse[name]).abs().max() <= bound, name
+
+
+def test_two_bare_encoders_are_sparsified_on_the_matrices_both_have(tiny_bert, tmp_path):
+    """A tuned model without a task head (a domain-adapted encoder saved by AutoModel)."""
+    from transformers import BertModel
+
+    for name, shift in (("base", 0.0), ("tuned", 0.05)):
+        body = BertModel.from_pretrained(tiny_bert)
+        torch.manual_seed(9)
+        with torch.no_grad():
+            for module in body.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.add_(torch.randn_like(module.weight) * shift)
+        body.save_pretrained(tmp_path / name)
+    report = sparsify(str(tmp_path / "base"), str(tmp_path / "tuned"), tmp_path / "sparse", 0.01)
+    assert report.matrices and not read_delta(tmp_path / "sparse").recipe.head
+    assert all(m.kept == math.ceil(0.01 * m.size) for m in report.matrices)
 
 
 def test_full_fine_tuning_reports_what_it_leaves_out(tiny_bert, sentiment, tmp_path):

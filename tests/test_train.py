@@ -134,15 +134,21 @@ def test_sentence_pairs_are_encoded_as_pairs(tiny_bert, tmp_path):
     assert trainer.data.labels == [0, 1]
 
 
-def test_existing_output_needs_overwrite(tiny_bert, sentiment, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+def test_overwrite_replaces_only_what_deltacli_wrote(tiny_bert, sentiment, tmp_path):
     recipe = tiny_recipe(tiny_bert, sentiment, METHODS["lora"], max_steps=1)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("a user's own file")
     with pytest.raises(DeltacliError, match="exists; pass --overwrite"):
-        train(recipe, out)
+        train(recipe, mine)
+    with pytest.raises(DeltacliError, match="was not written by deltacli"):
+        train(recipe, mine, overwrite=True)
+    assert (mine / "keep.txt").read_text() == "a user's own file"
+    out = tmp_path / "out"
+    train(recipe, out)
+    (out / "stale.txt").write_text("from the first run")
     train(recipe, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / RECIPE_FILE).exists()
+    assert not (out / "stale.txt").exists() and (out / RECIPE_FILE).exists()
 
 
 def test_a_crash_leaves_nothing_that_looks_complete(tiny_bert, sentiment, tmp_path, monkeypatch):

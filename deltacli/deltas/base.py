@@ -112,6 +112,14 @@ class Delta(ABC):
         """Share of each changed matrix that the delta touches, for sparse kinds."""
         return {}
 
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """What a training checkpoint keeps besides the trained parameters, by name (SIFT:
+        the entries it chose)."""
+        return {}
+
+    def load_extra_state(self, values: dict[str, torch.Tensor]) -> None:  # noqa: B027
+        """Take `extra_state` back when a run resumes."""
+
     def delta_weights(self, values: dict[str, torch.Tensor]) -> dict[str, Increment]:
         """What merging adds to each base weight this delta changes.
 
@@ -249,6 +257,18 @@ class DeltaSet:
         if delta is self.head:
             return self.peft_method.head_key(name) if self.peft_method else PEFT_PREFIX + name
         return delta.peft_key(name)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor a resumed run needs: the trained parameters and the kinds' extra
+        state, by name."""
+        extra = {k: v for delta in self.members for k, v in delta.extra_state().items()}
+        return {**self.state_dict(), **extra}
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take `checkpoint_state` back."""
+        for delta in self.members:
+            delta.load_extra_state({name: tensors[name] for name in delta.extra_state()})
+        self.load_state_dict(tensors)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy values in: one tensor for every trainable parameter, of its shape."""

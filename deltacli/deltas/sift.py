@@ -192,6 +192,14 @@ class Sift(Delta):
         config = dataclasses.replace(self.config, mask=None, counts=self.config.counts and counts)
         return config, tensors
 
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.sift_indices": site.module.sift_indices for name, site in self.sites.items()
+        }
+
+    def load_extra_state(self, values: dict[str, torch.Tensor]) -> None:
+        self.load(values)
+
     def densities(self) -> dict[str, float]:
         return {name: site.count / site.module.weight.numel() for name, site in self.sites.items()}
 

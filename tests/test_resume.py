@@ -1,0 +1,150 @@
+"""Interrupted runs resume exactly: after kill -9 or Ctrl-C, `train --resume` reaches the same
+delta, bit for bit, with the same losses and eval scores at every step as a run that was
+never stopped (one process, and two under gloo)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deltacli.outputs import MARKER
+from deltacli.store import WEIGHTS_FILE
+from helpers import ACCELERATE, launcher
+
+# Runs the CLI, first making the process stop itself right after the training log records
+# step K: `kill` sends SIGKILL (nothing can run after it), `int` SIGINT (Ctrl-C).
+STOPPING = """
+import os, signal, sys
+from deltacli import trainer
+from deltacli.cli import main
+
+how, at = sys.argv.pop(1), int(sys.argv.pop(1))
+write = trainer.MetricsLog.write
+
+def write_then_stop(self, **record):
+    write(self, **record)
+    if record.get("step") == at and "loss" in record:
+        os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGINT)
+
+trainer.MetricsLog.write = write_then_stop
+sys.exit(main())
+"""
+
+
+def args(tiny_bert, sentiment, output, *extra) -> list[str]:
+    """Two epochs of 8 steps (dropout on, so random state matters), a checkpoint every
+    3 steps and at each epoch's end."""
+    return [
+        "train", "--method", "lora", "--model", str(tiny_bert), "--data", str(sentiment["train"]),
+        "--eval-data", str(sentiment["eval"]), "--output", str(output), "data.text=text",
+        "train.epochs=2", "train.batch_size=16", "train.log_every=1", "train.save_every=3",
+        "train.keep_checkpoints=2",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def deltacli(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "deltacli", *arguments]
+
+
+def stopping(script: Path, how: str, step: int, *arguments: str) -> list[str]:
+    return [sys.executable, str(script), how, str(step), *arguments]
+
+
+def outcome(folder: Path) -> tuple[dict, list[dict], list]:
+    """The delta's tensors, the training log without clock readings, the eval history."""
+    tensors = load_file(folder / WEIGHTS_FILE)
+    log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    history = json.loads((folder / "metrics.json").read_text())["history"]
+    return tensors, log, history
+
+
+def assert_same(resumed: Path, uninterrupted: Path) -> None:
+    tensors, log, history = outcome(resumed)
+    expected_tensors, expected_log, expected_history = outcome(uninterrupted)
+    assert tensors.keys() == expected_tensors.keys()
+    assert all(torch.equal(tensors[k], expected_tensors[k]) for k in tensors)  # bit for bit
+    assert log == expected_log  # every step's loss and lr, every epoch's scores
+    assert history == expected_history
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_bert, sentiment) -> Path:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    done = run(deltacli(*args(tiny_bert, sentiment, "out")), folder)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return folder / "out"
+
+
+@pytest.mark.parametrize(("how", "step", "code"), [("kill", 7, -9), ("int", 10, 130)])
+def test_a_stopped_run_resumes_to_the_same_delta(
+    tmp_path, tiny_bert, sentiment, uninterrupted, how, step, code
+):
+    script = tmp_path / "stopping.py"
+    script.write_text(STOPPING)
+    stopped = run(stopping(script, how, step, *args(tiny_bert, sentiment, "out")), tmp_path)
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # nothing that looks complete
+    if how == "int":  # one line: where the checkpoint is, and how to continue
+        (line,) = stopped.stderr.strip().splitlines()[-1:]
+        assert line.startswith("interrupted: stopped at step 10 of 16; checkpoint saved in ")
+        assert line.endswith("continue with: deltacli train --resume out")
+    resumed = run(deltacli("train", "--resume", "out"), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    assert_same(tmp_path / "out", uninterrupted)
+    assert (tmp_path / "out" / MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stopping.py"]  # no leftovers
+
+
+def test_resume_refuses_what_would_change_the_run_and_what_cannot_resume(
+    tmp_path, tiny_bert, sentiment, cli
+):
+    code, _, err = cli("train", "--resume", tmp_path / "nothing")
+    assert code == 2 and "no checkpoint of a run writing" in err
+    code, _, err = cli("train", "--resume", tmp_path / "out", "data.max_length=16")
+    assert code == 2 and "only train.* settings may change" in err
+    code, _, err = cli("train", "--resume", tmp_path / "out", "--method", "lora")
+    assert code == 2 and "--resume continues a run with its saved recipe" in err
+    code, _, err = cli(*args(tiny_bert, sentiment, tmp_path / "done", "train.max_steps=1"))
+    assert code == 0, err
+    code, _, err = cli("train", "--resume", tmp_path / "done")
+    assert code == 2 and "is a finished run" in err
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
+def test_two_processes_resume_to_the_same_delta_after_kill_9(tmp_path, tiny_bert, sentiment):
+    two = [*args(tiny_bert, sentiment, "out"), "train.batch_size=8"]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    done = run([*launcher(), "-m", "deltacli", *two], reference)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    script = tmp_path / "stopping.py"
+    script.write_text(STOPPING)
+    killed = run([*launcher(), str(script), "kill", "5", *two], tmp_path)
+    assert killed.returncode != 0
+    resumed = run([*launcher(), "-m", "deltacli", "train", "--resume", "out"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same(tmp_path / "out", reference / "out")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+
+
+def test_sigterm_stops_with_a_checkpoint_and_exit_143(tmp_path, tiny_bert, sentiment):
+    script = tmp_path / "stopping.py"
+    script.write_text(STOPPING.replace("signal.SIGINT", "signal.SIGTERM"))
+    stopped = run(stopping(script, "term", 4, *args(tiny_bert, sentiment, "out")), tmp_path)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert "checkpoint saved in" in stopped.stderr and "--resume out" in stopped.stderr
