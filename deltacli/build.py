@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from deltacli.deltas import DeltaSet, attach
 from deltacli.deltas.specify import ModulesConfig
-from deltacli.models import build_on_meta, head_modules, load_model
+from deltacli.models import (
+    build_on_meta,
+    checkpoint_dtype,
+    head_modules,
+    load_config,
+    load_model,
+)
+from deltacli.precision import base_dtype, mixed_precision
 from deltacli.recipe import Recipe
 from deltacli.store import SavedDelta
 
@@ -20,12 +28,34 @@ def attach_recipe(model: nn.Module, recipe: Recipe) -> DeltaSet:
     return attach(model, recipe.deltas, head)
 
 
-def prepare_model(recipe: Recipe, meta: bool = False) -> tuple[nn.Module, DeltaSet]:
+def prepare_model(
+    recipe: Recipe, meta: bool = False, device: torch.device | None = None
+) -> tuple[nn.Module, DeltaSet]:
     """The recipe's base model (real weights, or shapes only on the meta device) with its
-    deltas attached. `recipe.data.labels` sizes the head."""
-    loader = build_on_meta if meta else load_model
-    model = loader(recipe.model, recipe.task, recipe.data.labels)
+    deltas attached. `recipe.data.labels` sizes the head; `device` is where it will run,
+    which decides `base_dtype: auto` and where a quantised base is placed."""
+    if meta:
+        model = build_on_meta(recipe.model, recipe.task, recipe.data.labels, recipe.base_dtype)
+    else:
+        model = load_model(
+            recipe.model,
+            recipe.task,
+            recipe.data.labels,
+            recipe.base_dtype,
+            recipe.quantize,
+            device,
+        )
     return model, attach_recipe(model, recipe)
+
+
+def compute_precision(recipe: Recipe, gpu: bool) -> str:
+    """Accelerate's `mixed_precision` for the recipe: its own `train.mixed_precision`, or
+    autocast in the base's half precision (a bf16 or quantised base meets float32 deltas)."""
+    stored = torch.bfloat16 if recipe.quantize else None
+    if stored is None:
+        config = load_config(recipe.model, recipe.data.labels)
+        stored = base_dtype(recipe.base_dtype, checkpoint_dtype(config), gpu)
+    return mixed_precision(recipe.train.mixed_precision, stored, gpu)
 
 
 def check_attaches(recipe: Recipe) -> None:
@@ -65,10 +95,18 @@ def saved_on_meta(saved: SavedDelta) -> tuple[nn.Module, DeltaSet]:
     return prepare_model(resolved_recipe(saved), meta=True)
 
 
+def _count(param: torch.Tensor) -> int:
+    """Parameters a tensor holds: bitsandbytes packs two 4-bit weights in each byte of its
+    storage (PEFT counts them the same way)."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
 def parameter_counts(model: nn.Module) -> dict:
     """Total and trainable parameters, counted as PEFT's `get_nb_trainable_parameters` does."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_count(p) for p in model.parameters())
+    trainable = sum(_count(p) for p in model.parameters() if p.requires_grad)
     return {
         "total": total,
         "trainable": trainable,

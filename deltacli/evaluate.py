@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deltacli.build import prepare_model
+from deltacli.build import compute_precision, prepare_model
 from deltacli.data import batches, load_table
 from deltacli.errors import DeltacliError
 from deltacli.models import config_labels, load_config, load_model, load_tokenizer
@@ -120,9 +120,11 @@ def score_delta(
     table = load_table(data, data_config.hub_config)
     encoded, labels = task.for_scoring(table, data_config, tokenizer, data)
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(data_config, labels=labels))
-    base, deltas = prepare_model(recipe)
+    gpu = torch.cuda.is_available()
+    accelerator = make_accelerator(mixed_precision=compute_precision(recipe, gpu))
+    base, deltas = prepare_model(recipe, device=accelerator.device)
     saved.load_into(deltas)
-    metrics = _score(base, tokenizer, encoded, batch_size, task)
+    metrics = _score(base, tokenizer, encoded, batch_size, task, accelerator)
     if generation is not None:
         if task.prompts is None:
             raise DeltacliError(f"--generate needs a generative task; this delta is {task.name}")
@@ -173,15 +175,18 @@ def score_model(
     encoded, _ = entry.for_scoring(
         load_table(data, data_config.hub_config), data_config, tokenizer, data
     )
-    return _score(load_model(folder, task, labels), tokenizer, encoded, batch_size, entry)
+    accelerator = make_accelerator()
+    model = load_model(folder, task, labels)
+    return _score(model, tokenizer, encoded, batch_size, entry, accelerator)
 
 
 def _with_columns(config: DataConfig, columns: dict[str, str | None] | None) -> DataConfig:
     return dataclasses.replace(config, **{k: v for k, v in (columns or {}).items() if v})
 
 
-def _score(model: nn.Module, tokenizer, table, batch_size: int, task: Task) -> dict[str, float]:
-    accelerator = make_accelerator()
+def _score(
+    model: nn.Module, tokenizer, table, batch_size: int, task: Task, accelerator: Accelerator
+) -> dict[str, float]:
     loader = batches(table, task.collate(tokenizer, table), batch_size, False)
     model, loader = accelerator.prepare(model, loader)
     return evaluate(model, loader, accelerator, task)

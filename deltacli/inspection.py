@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deltacli.architectures import HEADS
 from deltacli.build import attach_recipe, parameter_counts
 from deltacli.deltas import DeltaSet
 from deltacli.deltas.base import PEFT_PREFIX
-from deltacli.deltas.targets import collapse_indices, layer_index
+from deltacli.deltas.targets import collapse_indices, is_linear, layer_index
 from deltacli.errors import DeltacliError
 from deltacli.models import build_on_meta, saved_task
 from deltacli.recipe import Recipe, load_recipe, recipe_to_dict
@@ -67,6 +68,9 @@ class ModelReport:
     groups: list[Group]
     layers: list[Layer]
     tree: Node
+    base_dtype: str  # what the frozen base is stored in ("nf4"/"int8" when quantised)
+    trainable_dtype: str | None  # what the deltas train in
+    base_bytes: int  # the frozen base's weights in memory (estimated when quantised)
 
 
 @dataclasses.dataclass
@@ -90,10 +94,13 @@ def inspect_model(model_spec: str, recipe: Recipe | None) -> ModelReport:
     Without a recipe the model is built for the task its config was saved for."""
     task = recipe.task if recipe else (saved_task(model_spec) or DEFAULT)
     labels = recipe.data.labels if recipe else None
-    model = build_on_meta(model_spec, task, labels)
+    model = build_on_meta(model_spec, task, labels, recipe.base_dtype if recipe else "auto")
     roles = _roles(attach_recipe(model, recipe)) if recipe else {}
     params = dict(model.named_parameters())
     counts = parameter_counts(model)
+    frozen = [p for p in params.values() if not p.requires_grad]
+    trainable = [p for p in params.values() if p.requires_grad]
+    quantize = recipe.quantize if recipe else None
     return ModelReport(
         model=model_spec,
         recipe=recipe.name if recipe else None,
@@ -103,7 +110,34 @@ def inspect_model(model_spec: str, recipe: Recipe | None) -> ModelReport:
         groups=_groups(params, roles, trainable_only=recipe is not None),
         layers=_layers(params),
         tree=_tree("", model)[0],
+        base_dtype=quantize or _dtype_name(frozen[0] if frozen else trainable[0]),
+        trainable_dtype=_dtype_name(trainable[0]) if trainable else None,
+        base_bytes=_base_bytes(model, quantize),
     )
+
+
+# Bytes per weight of a quantised linear layer: NF4 is 4 bits plus, with double
+# quantisation, about 0.127 bits of block scales (Dettmers et al., 2023); LLM.int8() is 8
+# bits plus one float32 scale per row.
+_QUANTISED_BYTES = {"nf4": 0.5 + 0.127 / 8, "int8": 1.0}
+
+
+def _base_bytes(model: nn.Module, quantize: str | None) -> int:
+    """The frozen weights' memory: their dtype's size, or the quantised size for the linear
+    layers of the body (bitsandbytes leaves embeddings, norms and heads as they are)."""
+    total = 0.0
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            if param.requires_grad:
+                continue
+            quantised = quantize and is_linear(module) and name.split(".")[0] not in HEADS
+            per = _QUANTISED_BYTES[quantize] if quantised else param.element_size()
+            total += param.numel() * per
+    return round(total)
+
+
+def _dtype_name(param: torch.Tensor) -> str:
+    return str(param.dtype).removeprefix("torch.")
 
 
 def recipe_for_model(file: Path, model_spec: str, overrides: list[str]) -> Recipe:

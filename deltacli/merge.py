@@ -27,7 +27,7 @@ from deltacli.build import saved_on_meta
 from deltacli.checkpoint import INDEX_FILE, Checkpoint
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
-from deltacli.models import local_dir
+from deltacli.models import load_config, local_dir
 from deltacli.outputs import atomic_dir, check_output, notice_on
 from deltacli.shards import ShardWriter, TensorInfo
 from deltacli.store import SavedDelta, read_delta, write_json
@@ -86,6 +86,11 @@ def merge(
         )
     check_output(output, overwrite)
     base_dir = local_dir(base)
+    if getattr(load_config(str(base_dir)), "quantization_config", None):
+        raise DeltacliError(
+            f"{base} is stored quantised; merging rounds the delta into 4- or 8-bit weights "
+            "and loses it: merge onto the full-precision base it was quantised from"
+        )
     saved = [read_delta(folder, model=str(base_dir)) for folder in deltas]
     plan = plan_increments(saved, weights)
     with Checkpoint(base_dir, plan.model) as checkpoint:

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoTokenizer
 from deltacli.architectures import HEADS
 from deltacli.checkpoint import check_files
 from deltacli.errors import DeltacliError
+from deltacli.precision import base_dtype
 from deltacli.tasks import inferred
 from deltacli.tasks import task as task_entry
 
@@ -153,22 +154,68 @@ def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(spec: str, task: str, labels: list | None) -> transformers.PreTrainedModel:
-    """The model with its pretrained weights in fp32 (the head, if new, is initialised)."""
+def load_model(
+    spec: str,
+    task: str,
+    labels: list | None,
+    dtype: str = "fp32",
+    quantize: str | None = None,
+    device: torch.device | None = None,
+) -> transformers.PreTrainedModel:
+    """The model with its pretrained weights (the head, if new, is initialised), stored in
+    the `dtype` the recipe asks for (`auto`: see `precision.base_dtype`) on the CPU, or,
+    with `quantize`, its linear layers in 4 or 8 bits on `device` (bitsandbytes)."""
     _refuse_bare_config(spec)
     folder = Path(resolve(spec))
     if folder.is_dir():
         check_files(folder)
     config = load_config(spec, labels)
+    gpu = device is not None and device.type == "cuda"
+    options = {"dtype": base_dtype(dtype, checkpoint_dtype(config), gpu)}
+    if quantize:
+        options |= quantization(quantize, device)
     model_class = task_entry(task).model_class
-    return _from_hub(model_class.from_pretrained, spec, config=config, dtype=torch.float32)
+    return _from_hub(model_class.from_pretrained, spec, config=config, **options)
 
 
-def build_on_meta(spec: str, task: str, labels: list | None) -> transformers.PreTrainedModel:
-    """The model's module tree on the meta device: every shape, no weight read or allocated."""
+def checkpoint_dtype(config: transformers.PretrainedConfig) -> torch.dtype | None:
+    """The dtype a checkpoint's config says its weights are stored in."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored.removeprefix("torch."), None)
+    return stored if isinstance(stored, torch.dtype) else None
+
+
+def quantization(kind: str, device: torch.device | None) -> dict:
+    """`from_pretrained` options for a base quantised by bitsandbytes: NF4 with double
+    quantisation and bf16 compute (QLoRA), or LLM.int8()."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DeltacliError(
+            f"quantize: {kind} needs bitsandbytes: pip install 'deltacli[quantize]'"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if kind == "nf4":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": str(device or "cpu")}}
+
+
+def build_on_meta(
+    spec: str, task: str, labels: list | None, dtype: str = "fp32"
+) -> transformers.PreTrainedModel:
+    """The model's module tree on the meta device: every shape, no weight read or allocated
+    (`auto` counts the checkpoint's own dtype, as a GPU would load it)."""
     config = load_config(spec, labels)
+    stored = base_dtype(dtype, checkpoint_dtype(config), gpu=True)
     with torch.device("meta"):
-        return task_entry(task).model_class.from_config(config)
+        return task_entry(task).model_class.from_config(config, dtype=stored)
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:

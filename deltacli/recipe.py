@@ -11,7 +11,7 @@ import dataclasses
 import importlib.resources
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -34,6 +34,14 @@ class Recipe:
     )
     task: str = option(DEFAULT, f"what the model learns to do: {', '.join(TASKS)}")
     head: bool = option(True, "train the task head (e.g. `classifier`) beside the deltas")
+    base_dtype: Literal["auto", "fp32", "bf16", "fp16", "fp64"] = option(
+        "auto",
+        "dtype of the frozen base; auto: the checkpoint's (bf16/fp16) on a GPU that has it, "
+        "fp32 on a CPU. Deltas train in fp32 over a bf16/fp16 base",
+    )
+    quantize: Literal["nf4", "int8"] | None = option(
+        None, "load the base's linear layers in 4 bits (NF4, QLoRA) or 8 bits (bitsandbytes)"
+    )
     data: DataConfig = option(DataConfig(), "where the examples come from")
     deltas: list[DeltaConfig] = option([], "the deltas to attach, in order; they compose")
     train: TrainConfig = option(TrainConfig(), "optimisation")

@@ -148,9 +148,16 @@ def model_report(report: ModelReport, by: str = "module", tree: bool = False) ->
     """Totals, then the per-module (or per-layer) table, then the module tree if asked."""
     title = f"{report.model}" + (f" + {report.recipe}" if report.recipe else "")
     totals = Table(title=title, title_justify="left")
-    for column in ("total", "trainable", "trainable %"):
+    for column in ("total", "trainable", "trainable %", "base stored as", "base memory"):
         totals.add_column(column, justify="right")
-    totals.add_row(f"{report.total:,}", f"{report.trainable:,}", f"{report.trainable_percent:.4f}%")
+    trains_in = f" (deltas train in {report.trainable_dtype})" if report.trainable_dtype else ""
+    totals.add_row(
+        f"{report.total:,}",
+        f"{report.trainable:,}",
+        f"{report.trainable_percent:.4f}%",
+        f"{report.base_dtype}{trains_in}",
+        _bytes(report.base_bytes),
+    )
     if by == "layer":
         detail = layers_table(report.layers, report.total)
     else:

@@ -6,6 +6,7 @@ import accelerate
 import torch
 import transformers
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from deltacli import __version__
 
@@ -18,6 +19,10 @@ def make_accelerator(cpu: bool = False, **options) -> Accelerator:
     of joining one gloo group.
     """
     has_device = torch.cuda.is_available() or torch.backends.mps.is_available()
+    if AcceleratorState._shared_state and not torch.distributed.is_initialized():
+        # One process may run several jobs (the library, tests) with different precisions;
+        # accelerate keeps one global state, which each job sets afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(cpu=cpu or not has_device, **options)
 
 

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_linear_schedule_with_warmup
 
-from deltacli.build import check_attaches, parameter_counts, prepare_model
+from deltacli.build import check_attaches, compute_precision, parameter_counts, prepare_model
 from deltacli.data import batches
 from deltacli.errors import DeltacliError
 from deltacli.evaluate import evaluate, generate
@@ -228,13 +228,14 @@ class Trainer:
     def __init__(self, recipe: Recipe, console: Console | None, checkpoint: Path | None = None):
         self.started = time.perf_counter()
         config = recipe.train
+        check_attaches(recipe)
+        gpu = torch.cuda.is_available() and not config.cpu
         self.accelerator = make_accelerator(
             cpu=config.cpu,
-            mixed_precision=config.mixed_precision,
+            mixed_precision=compute_precision(recipe, gpu),
             gradient_accumulation_steps=config.grad_accum,
         )
         self.console = console if self.accelerator.is_main_process else None
-        check_attaches(recipe)
         set_seed(config.seed)
         self.tokenizer = load_tokenizer(recipe.model)
         self.task = recipe.task_entry
@@ -244,7 +245,7 @@ class Trainer:
         self.recipe = dataclasses.replace(
             recipe, data=dataclasses.replace(recipe.data, labels=self.data.labels)
         )
-        self.model, self.deltas = prepare_model(self.recipe)
+        self.model, self.deltas = prepare_model(self.recipe, device=self.accelerator.device)
         if self.task.generative:
             # No cache while training: it only costs memory, and transformers keeps packed
             # examples apart (block-diagonal attention) only without one.

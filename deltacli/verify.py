@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ TOLERANCE = {"F32": 1e-4, "F16": 1e-2, "BF16": 5e-2}
 def verify_merge(base_dir: Path, saved: list[SavedDelta], merged_dir: Path) -> float:
     """Max |logit difference| between the merged model and base + deltas attached live, on a
     seeded probe batch with padding; raises `VerificationError` above the tolerance."""
-    recipe = resolved_recipe(saved[0])
+    # The reference in float32, unquantised: the merge's own arithmetic is float32.
+    recipe = dataclasses.replace(resolved_recipe(saved[0]), base_dtype="fp32", quantize=None)
     reference, deltas = prepare_model(recipe)
     saved[0].load_into(deltas)
     for later in saved[1:]:

@@ -207,10 +207,16 @@ _COLUMNS = {
 }
 
 
+# Recipe keys at the top level (the rest of `tiny_recipe`'s keywords are `train.*`).
+_TOP = ("base_dtype", "quantize", "head")
+
+
 def tiny_recipe(
-    model: Path, data: dict[str, Path], *deltas: dict, task: str = DEFAULT, **train
+    model: Path, data: dict[str, Path], *deltas: dict, task: str = DEFAULT, **settings
 ) -> Recipe:
-    """A recipe for a tiny model and tiny data: fast steps and a high learning rate."""
+    """A recipe for a tiny model and tiny data: fast steps and a high learning rate;
+    keywords set `train.*` keys, or `base_dtype`, `quantize` and `head`."""
+    top = {key: settings.pop(key) for key in _TOP if key in settings}
     return parse_recipe(
         {
             "name": "tiny",
@@ -218,7 +224,8 @@ def tiny_recipe(
             "task": task,
             "data": {"train": str(data["train"]), "eval": str(data["eval"]), **_COLUMNS[task]},
             "deltas": list(deltas),
-            "train": {"epochs": 2, "batch_size": 16, "lr": 1e-2, "log_every": 1, **train},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 1e-2, "log_every": 1, **settings},
+            **top,
         }
     )
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from deltacli.architectures import architecture
-from deltacli.deltas.base import Delta, DeltaConfig, register
+from deltacli.deltas.base import Delta, DeltaConfig, register, trainable_like
 from deltacli.deltas.targets import (
     features,
     in_layers,
@@ -50,11 +50,11 @@ class AdapterConfig(DeltaConfig):
 class Bottleneck(nn.Module):
     """f(x W_down) W_up, with W_up (and its bias) zero at the start."""
 
-    def __init__(self, width: int, r: int, activation: str, like: torch.Tensor) -> None:
+    def __init__(self, width: int, r: int, activation: str, like: dict) -> None:
         super().__init__()
-        self.down = nn.Linear(width, r, device=like.device, dtype=like.dtype)
+        self.down = nn.Linear(width, r, **like)
         self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(r, width, device=like.device, dtype=like.dtype)
+        self.up = nn.Linear(r, width, **like)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -106,7 +106,7 @@ class Adapter(Delta):
             if not is_linear(module):
                 raise DeltacliError(f"adapters write after a linear layer; {name} is not one")
             width = features(module)[1]
-            adapter = Bottleneck(width, config.r, config.activation, next(module.parameters()))
+            adapter = Bottleneck(width, config.r, config.activation, trainable_like(module.weight))
             slot = _free_name(module, "adapter")
             self.add_module(module, slot, adapter)
             self.add_hook(module.register_forward_hook(partial(self._add, name, adapter)))

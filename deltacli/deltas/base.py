@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deltacli.errors import DeltacliError, did_you_mean
+from deltacli.precision import trainable_dtype
 from deltacli.schema import check_ranges
 
 Increment = Callable[[torch.Tensor], torch.Tensor]
@@ -152,6 +153,12 @@ def peft_patterns(modules: list[str] | str | None) -> list[str] | None:
     """PEFT's `target_modules` as deltacli patterns: a list of suffixes stays as it is, and a
     single string is a regular expression over the whole name."""
     return [f"re:{modules}"] if isinstance(modules, str) else modules
+
+
+def trainable_like(weight: torch.Tensor) -> dict:
+    """Where and in what dtype a delta's tensors beside `weight` live: on its device, in
+    float32 over a half-precision or quantised weight (`precision.trainable_dtype`)."""
+    return {"device": weight.device, "dtype": trainable_dtype(weight)}
 
 
 KINDS: dict[str, type[Delta]] = {}

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from deltacli.architectures import architecture
-from deltacli.deltas.base import Delta, DeltaConfig, Increment, peft_patterns, register
+from deltacli.deltas.base import (
+    Delta,
+    DeltaConfig,
+    Increment,
+    peft_patterns,
+    register,
+    trainable_like,
+)
 from deltacli.deltas.targets import (
     features,
     is_linear,
@@ -90,7 +97,7 @@ class IA3(Delta):
             module = modules[name]
             in_features, out_features = features(module)
             shape = (1, in_features) if name in self.feedforward else (out_features, 1)
-            like = {"device": module.weight.device, "dtype": module.weight.dtype}
+            like = trainable_like(module.weight)
             self.add_parameter(module, "ia3_l", nn.Parameter(torch.ones(shape, **like)))
             if name in self.feedforward:
                 self.add_hook(module.register_forward_pre_hook(_scale_input))

@@ -18,7 +18,14 @@ from functools import partial
 import torch
 from torch import nn
 
-from deltacli.deltas.base import Delta, DeltaConfig, Increment, peft_patterns, register
+from deltacli.deltas.base import (
+    Delta,
+    DeltaConfig,
+    Increment,
+    peft_patterns,
+    register,
+    trainable_like,
+)
 from deltacli.deltas.targets import (
     features,
     is_transposed,
@@ -81,7 +88,7 @@ class Lora(Delta):
         for name in self.targets:
             module = modules[name]
             in_features, out_features = features(module)
-            like = {"device": module.weight.device, "dtype": module.weight.dtype}
+            like = trainable_like(module.weight)
             lora_a = nn.Linear(in_features, self.config.r, bias=False, **like)
             lora_b = nn.Linear(self.config.r, out_features, bias=False, **like)
             nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))

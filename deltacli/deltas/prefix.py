@@ -24,7 +24,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from deltacli.architectures import architecture
-from deltacli.deltas.base import PEFT_PROMPT_LEARNING_PREFIX, Delta, DeltaConfig, register
+from deltacli.deltas.base import (
+    PEFT_PROMPT_LEARNING_PREFIX,
+    Delta,
+    DeltaConfig,
+    register,
+    trainable_like,
+)
 from deltacli.deltas.targets import modules_by_name, select
 from deltacli.errors import DeltacliError
 from deltacli.schema import AT_LEAST_ONE, option
@@ -115,11 +121,11 @@ class Prefix(Delta):
         self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         width = self.layers * 2 * self.kv_heads * self.head_dim
-        like = next(model.parameters())
+        like = trainable_like(model.get_input_embeddings().weight)
         encoder = PrefixEncoder(
             self.config.length, width, config.hidden_size, self.config.projection
         )
-        self.add_module(model, "prefix_encoder", encoder.to(device=like.device, dtype=like.dtype))
+        self.add_module(model, "prefix_encoder", encoder.to(**like))
         self.encoder = encoder
         previous = config._attn_implementation
         model.set_attn_implementation(ATTENTION)

@@ -19,7 +19,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deltacli.deltas.base import PEFT_PROMPT_LEARNING_PREFIX, Delta, DeltaConfig, register
+from deltacli.deltas.base import (
+    PEFT_PROMPT_LEARNING_PREFIX,
+    Delta,
+    DeltaConfig,
+    register,
+    trainable_like,
+)
 from deltacli.errors import DeltacliError
 from deltacli.labels import IGNORE
 from deltacli.schema import AT_LEAST_ONE, option
@@ -44,10 +50,7 @@ class Prompt(Delta):
         vocabulary = model.get_input_embeddings()
         holder = nn.Module()
         holder.embedding = nn.Embedding(
-            self.config.length,
-            vocabulary.embedding_dim,
-            device=vocabulary.weight.device,
-            dtype=vocabulary.weight.dtype,
+            self.config.length, vocabulary.embedding_dim, **trainable_like(vocabulary.weight)
         )
         if self.config.init == "vocab" and vocabulary.weight.device.type != "meta":
             rows = torch.randint(0, vocabulary.num_embeddings, (self.config.length,))

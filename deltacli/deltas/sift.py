@@ -25,7 +25,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from deltacli.deltas.base import PEFT_PREFIX, Delta, DeltaConfig, Increment, register
+from deltacli.deltas.base import (
+    PEFT_PREFIX,
+    Delta,
+    DeltaConfig,
+    Increment,
+    register,
+    trainable_like,
+)
 from deltacli.deltas.targets import is_transposed, linear_targets, modules_by_name
 from deltacli.errors import DeltacliError
 from deltacli.schema import AT_LEAST_ONE, DENSITY, option
@@ -66,6 +73,7 @@ class _GradientTap(torch.autograd.Function):
     def forward(ctx, output, x, values, indices, transposed):
         ctx.save_for_backward(x, indices)
         ctx.transposed = transposed
+        ctx.values_dtype = values.dtype
         return output.view_as(output)
 
     @staticmethod
@@ -74,7 +82,7 @@ class _GradientTap(torch.autograd.Function):
         g = grad_output.reshape(-1, grad_output.shape[-1])
         inputs = x.reshape(-1, x.shape[-1]).to(g.dtype)
         dense = inputs.T @ g if ctx.transposed else g.T @ inputs
-        return grad_output, None, dense.reshape(-1)[indices].float(), None, None
+        return grad_output, None, dense.reshape(-1)[indices].to(ctx.values_dtype), None, None
 
 
 @dataclasses.dataclass
@@ -112,13 +120,22 @@ class Sift(Delta):
         self.sites: dict[str, _Site] = {}
         for name, count in zip(self.targets, counts, strict=True):
             module = modules[name]
-            device = module.weight.device
-            values = nn.Parameter(torch.zeros(count, device=device))
+            weight = module.weight
+            if not weight.is_floating_point():
+                raise DeltacliError(
+                    f"SIFT writes into the weights it trains, and {name} is quantised; load "
+                    "the base unquantised (quantize: null) or train lora, ia3 or adapters"
+                )
+            device = weight.device
+            values = nn.Parameter(torch.zeros(count, **trainable_like(weight)))
             self.add_parameter(module, "sift_values", values)
             self.add_buffer(
                 module, "sift_indices", torch.zeros(count, dtype=torch.long, device=device)
             )
-            self.add_buffer(module, "sift_base", torch.zeros(count, device=device))
+            # The base values it overwrites, kept exactly (to restore them on detach).
+            self.add_buffer(
+                module, "sift_base", torch.zeros(count, dtype=weight.dtype, device=device)
+            )
             site = self.sites[name] = _Site(module, count)
             self.on_detach(partial(_restore, site))
             self.add_hook(module.register_forward_pre_hook(partial(self._sync, name)))
@@ -134,7 +151,8 @@ class Sift(Delta):
             return
         with torch.no_grad():
             flat = module.weight.view(-1)
-            flat[module.sift_indices] = (module.sift_base + module.sift_values).to(flat.dtype)
+            base = module.sift_base.to(module.sift_values.dtype)
+            flat[module.sift_indices] = (base + module.sift_values).to(flat.dtype)
         site.synced = module.sift_values._version
 
     def _tap(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor):
@@ -228,7 +246,9 @@ def sift_targets(model: nn.Module, patterns: list[str] | None) -> list[str]:
 def _gradient_scores(
     model, batches, accelerator, weights: dict, count: int
 ) -> dict[str, torch.Tensor]:
-    """Σ |∂L/∂W| over `count` batches for each targeted W, summed over every process."""
+    """Σ |∂L/∂W| over `count` batches for each targeted W. Each batch's gradient is first
+    averaged over the processes, as training's would be, so N processes with batch b choose
+    what one process with batch N·b would (and every process the same)."""
     scores = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     for weight in weights.values():
         weight.requires_grad_(True)
@@ -238,7 +258,7 @@ def _gradient_scores(
                 break
             model(**batch).loss.backward()
             for name, weight in weights.items():
-                scores[name] += weight.grad.abs().float()
+                scores[name] += accelerator.reduce(weight.grad, reduction="mean").abs().float()
                 weight.grad = None
     finally:
         for weight in weights.values():
@@ -246,7 +266,7 @@ def _gradient_scores(
             weight.grad = None
     for param in model.parameters():
         param.grad = None  # the selection batches update nothing
-    return {name: accelerator.reduce(score, reduction="sum") for name, score in scores.items()}
+    return scores
 
 
 def _restore(site: _Site) -> None:

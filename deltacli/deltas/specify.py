@@ -26,8 +26,9 @@ from deltacli.deltas.base import (
     peft_patterns,
     register,
 )
-from deltacli.deltas.targets import in_layers, layer_count, minimal_suffixes, select
+from deltacli.deltas.targets import in_layers, is_linear, layer_count, minimal_suffixes, select
 from deltacli.errors import DeltacliError
+from deltacli.precision import trainable_dtype
 from deltacli.schema import option
 
 
@@ -85,10 +86,31 @@ class Specify(Delta):
             names = in_layers(names, self.config.layers, layer_count(list(params)))
         if not names:
             raise DeltacliError(f"the {self.kind} delta chose no parameters in this model")
+        modules = dict(model.named_modules())
+        for name in names:
+            owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
+            _train_in_full_precision(name, params[name], owner)
         self.params = {name: params[name] for name in names}
 
     def delta_weights(self, values: dict[str, torch.Tensor]) -> dict[str, Increment]:
         return {name: partial(_replacement, values[name].float()) for name in self.params}
+
+
+def _train_in_full_precision(name: str, param: nn.Parameter, owner: nn.Module) -> None:
+    """A specified weight trains in float32 over a half-precision base (its updates would
+    round away in bf16); a quantised weight cannot train at all. Autocast casts a linear
+    layer's tensors to one type, but runs normalisations in their own, so a norm's other
+    tensors move to float32 with the trained one."""
+    if not param.is_floating_point():
+        raise DeltacliError(
+            f"{name} is quantised and cannot be trained; load the base unquantised "
+            "(quantize: null) or train lora, ia3 or adapters"
+        )
+    dtype = trainable_dtype(param)
+    together = [param] if is_linear(owner) else list(owner.parameters(recurse=False))
+    for tensor in together:
+        if tensor.dtype != dtype and tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
 
 
 def _replacement(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
