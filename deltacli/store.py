@@ -41,13 +41,20 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_delta(
-    folder: Path, deltas: DeltaSet, recipe: Recipe, base_model: str, metrics: dict | None
+    folder: Path | None,
+    deltas: DeltaSet,
+    recipe: Recipe,
+    base_model: str,
+    metrics: dict | None,
 ) -> None:
     """Write the delta's tensors, PEFT config (where PEFT has the method), recipe and metrics.
 
     The recipe is saved with the configs the deltas export (a prefix trained through an MLP
-    is saved folded, as a plain prefix)."""
+    is saved folded, as a plain prefix). Under FSDP every process calls this (the tensors
+    are gathered from all of them) and only the one given a `folder` writes."""
     configs, tensors = deltas.export()
+    if folder is None:
+        return
     peft = peft_config(deltas, recipe.task, base_model)
     write_delta(folder, dataclasses.replace(recipe, deltas=configs), tensors, metrics, peft)
 

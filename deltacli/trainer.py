@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -124,6 +124,8 @@ class RunFolder:
         self.recipe = trainer.recipe
         self.save_every = trainer.recipe.train.save_every
         self.keep = trainer.recipe.train.keep_checkpoints
+        # Sharded optimizer state (FSDP) is not checkpointed yet: such runs save at the end.
+        self.checkpoints = not trainer.sharded
         self.target = scratch.target if scratch else None
 
     @classmethod
@@ -153,7 +155,7 @@ class RunFolder:
         return log
 
     def due(self, step: int) -> bool:
-        return self.save_every is not None and step % self.save_every == 0
+        return self.checkpoints and self.save_every is not None and step % self.save_every == 0
 
     def save(self, trainer: Trainer, log: MetricsLog) -> Path:
         """A checkpoint of the trainer as it stands (every process takes part)."""
@@ -171,9 +173,12 @@ class RunFolder:
         return f"deltacli train --resume {self.target or '<output>'}"
 
     def finish(self, trainer: Trainer, metrics: dict) -> None:
-        """Write the delta, drop the checkpoints, and rename the folder into place."""
-        if self.scratch is not None:
-            base = resolve(trainer.recipe.model)
+        """Write the delta, drop the checkpoints, and rename the folder into place (every
+        process gathers its share of a sharded delta; the main one writes)."""
+        base = resolve(trainer.recipe.model)
+        if self.scratch is None:
+            save_delta(None, trainer.deltas, trainer.recipe, base, metrics)
+        else:
             try:
                 save_delta(self.path, trainer.deltas, trainer.recipe, base, metrics)
             except OSError as error:
@@ -284,15 +289,40 @@ class Trainer:
         self.order = train_batches.generator  # draws each epoch's order: a checkpoint keeps it
         eval_collate = self.task.collate(self.tokenizer, self.data.eval)
         eval_batches = batches(self.data.eval, eval_collate, config.eval_batch_size, False)
+        self._refuse_unshardable()
         self.model, self.optimizer, self.train_batches, self.eval_batches = (
             self.accelerator.prepare(self.model, optimizer, train_batches, eval_batches)
         )
+        # FSDP swaps the parameters for sharded ones (same names): follow them.
+        self.deltas.rebind(self.accelerator.unwrap_model(self.model))
+        params = self.deltas.parameters()
         self.steps_per_epoch = math.ceil(len(self.train_batches) / config.grad_accum)
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
         self.scheduler = get_linear_schedule_with_warmup(
             optimizer, round(config.warmup_ratio * self.total_steps), self.total_steps
         )
         self.params = list(params.values())
+
+    @property
+    def sharded(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _refuse_unshardable(self) -> None:
+        """Deltas that write into base weights cannot train on FSDP's shards; ZeRO-3
+        partitions parameters in a way deltacli does not gather yet."""
+        if self.sharded:
+            for delta in self.deltas.deltas:
+                if not delta.shardable:
+                    raise DeltacliError(
+                        f"{delta.kind} writes into the base weights, which FSDP shards; "
+                        "train it without FSDP (DDP: accelerate launch --multi_gpu)"
+                    )
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.zero_stage == 3:
+            raise DeltacliError(
+                "DeepSpeed ZeRO-3 is not supported yet; use FSDP for a base beyond one GPU "
+                "(examples/accelerate/fsdp.yaml) or ZeRO stage 1-2"
+            )
 
     def notice(self, line: str) -> None:
         if self.console:
@@ -338,7 +368,7 @@ class Trainer:
                 self.epoch, self.position = self.epoch + 1, 0
                 self.epoch_order = self.order.get_state()
                 if run and self.step < self.total_steps:
-                    self._checkpoint(log, run, stop)
+                    self._checkpoint(log, run, self._agreed(stop.signum, False)[0])
             if not self.history or self.history[-1]["step"] != self.step:
                 self.meter.pause()
                 self._evaluate_epoch(log)
@@ -351,12 +381,14 @@ class Trainer:
         """One pass over the training batches, from `self.position` on (a resumed run skips
         those it trained on); False if the step budget ran out first."""
         self.order.set_state(self.epoch_order)
+        diverged = False
         for index, batch in enumerate(self.train_batches):
             if index < self.position:
                 continue
             loss = self._step(batch)
             self.position = index + 1
             self.meter.add(len(batch["labels"]) * self.accelerator.num_processes, loss)
+            diverged = diverged or not math.isfinite(loss)
             if not self.accelerator.sync_gradients:
                 continue
             self.scheduler.step()
@@ -365,18 +397,28 @@ class Trainer:
             progress.update(bar, advance=1, loss=self.meter.loss, lr=lr, speed=self.meter.rate)
             if self.step % self.recipe.train.log_every == 0:
                 log.write(step=self.step, epoch=self.epoch, loss=self.meter.loss, lr=lr)
+            stopping, diverged = self._agreed(stop.signum, diverged)
+            if diverged:
+                raise DeltacliError(
+                    f"the training loss became {loss} at step {self.step} (a lower train.lr, "
+                    "or train.max_grad_norm, usually helps); the run stopped, and its last "
+                    "checkpoint, if it wrote one, is kept"
+                )
             if self.step >= self.total_steps:
                 return False
-            if run and (run.due(self.step) or self._agreed(stop.signum is not None)):
-                self._checkpoint(log, run, stop)
+            if run and (run.due(self.step) or stopping):
+                self._checkpoint(log, run, stopping)
         return True
 
-    def _checkpoint(self, log: MetricsLog, run: RunFolder, stop: StopRequest) -> None:
+    def _checkpoint(self, log: MetricsLog, run: RunFolder, signum: int) -> None:
         """Save a checkpoint; after a stop signal, end the run saying how to continue it."""
+        if not run.checkpoints:
+            if signum:
+                raise Interrupted(f"stopped at step {self.step} (no checkpoint: FSDP)", signum)
+            return
         self.meter.pause()
         saved = run.save(self, log)
         self.meter.resume()
-        signum = self._agreed_signal(stop.signum)
         if signum:
             raise Interrupted(
                 f"stopped at step {self.step} of {self.total_steps}; checkpoint saved in "
@@ -384,18 +426,14 @@ class Trainer:
                 signum,
             )
 
-    def _agreed(self, flag: bool) -> bool:
-        """Whether any process raised `flag` (every process must stop at the same step)."""
+    def _agreed(self, signum: int | None, diverged: bool) -> tuple[int, bool]:
+        """The stop signal any process received and whether any one's loss diverged: every
+        process must stop at the same step (one small all-reduce, only with several)."""
         if self.accelerator.num_processes == 1:
-            return flag
-        value = torch.tensor([float(flag)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
-
-    def _agreed_signal(self, signum: int | None) -> int:
-        if self.accelerator.num_processes == 1:
-            return signum or 0
-        value = torch.tensor([float(signum or 0)], device=self.accelerator.device)
-        return int(self.accelerator.reduce(value, reduction="max").item())
+            return signum or 0, diverged
+        value = torch.tensor([float(signum or 0), float(diverged)], device=self.accelerator.device)
+        agreed = self.accelerator.reduce(value, reduction="max").tolist()
+        return int(agreed[0]), bool(agreed[1])
 
     def _evaluate_epoch(self, log: MetricsLog) -> None:
         """Score the eval set; remember this epoch's delta if it is the best so far."""
@@ -424,13 +462,10 @@ class Trainer:
         return generate(self.accelerator.unwrap_model(self.model), self.tokenizer, prompts)
 
     def _step(self, batch: dict) -> float:
+        """One micro-batch: forward, backward and (at accumulation boundaries) the update.
+        `loss.item()` is its only wait for the device, at its end."""
         with self.accelerator.accumulate(self.model):
             loss = self.model(**batch).loss
-            if self._agreed(not torch.isfinite(loss).item()):
-                raise DeltacliError(
-                    f"the training loss became {loss.item()} at step {self.step + 1} (a lower "
-                    "train.lr, or train.max_grad_norm, usually helps); the delta was not updated"
-                )
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.recipe.train.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.params, self.recipe.train.max_grad_norm)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from deltacli.errors import DeltacliError, did_you_mean
 from deltacli.precision import trainable_dtype
@@ -51,6 +52,7 @@ class Delta(ABC):
     peft_type: ClassVar[str | None] = None
     mergeable: ClassVar[bool] = False  # linear in the base weights, so `merge` can fold it in
     needs_base: ClassVar[bool] = True  # its increments depend on the base weight existing
+    shardable: ClassVar[bool] = True  # trains on FSDP's shards (does not write into W)
 
     def __init__(self, config: DeltaConfig) -> None:
         self.config = config
@@ -90,9 +92,10 @@ class Delta(ABC):
         self.params = {}
 
     def export(self) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
-        """The config and tensors to save: by default the trained parameters as they are.
-        A kind that trains through a reparameterisation saves its folded result instead."""
-        return self.config, {name: p.detach() for name, p in self.params.items()}
+        """The config and tensors to save: by default the trained parameters as they are
+        (whole, where FSDP shards them: every process must call this). A kind that trains
+        through a reparameterisation saves its folded result instead."""
+        return self.config, {name: whole(p) for name, p in self.params.items()}
 
     def saved_names(self) -> list[str]:
         """Names of the tensors `export` saves (and `load` takes back)."""
@@ -102,7 +105,7 @@ class Delta(ABC):
         """Take saved tensors back (by the names `saved_names` gives)."""
         with torch.no_grad():
             for name, param in self.params.items():
-                param.copy_(values[name].to(param.dtype))
+                assign(param, values[name])
 
     def calibrate(  # noqa: B027 (an optional hook: most kinds need no data)
         self, model: nn.Module, batches: Iterable[dict], accelerator: Any
@@ -153,6 +156,22 @@ def peft_patterns(modules: list[str] | str | None) -> list[str] | None:
     """PEFT's `target_modules` as deltacli patterns: a list of suffixes stays as it is, and a
     single string is a regular expression over the whole name."""
     return [f"re:{modules}"] if isinstance(modules, str) else modules
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value, detached: gathered from every process where FSDP shards it
+    (a collective call), as it is otherwise."""
+    if isinstance(tensor, DTensor):
+        return tensor.detach().full_tensor()
+    return tensor.detach()
+
+
+def assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full `value` into `param`, each process keeping its shard where FSDP shards it."""
+    value = value.to(device=param.device, dtype=param.dtype)
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value, param.device_mesh, param.placements)
+    param.copy_(value)
 
 
 def trainable_like(weight: torch.Tensor) -> dict:
@@ -222,8 +241,15 @@ class DeltaSet:
         return params
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The current value of every trainable parameter (to restore the best epoch)."""
-        return {name: p.detach() for name, p in self.parameters().items()}
+        """The current value of every trainable parameter, whole (to restore the best
+        epoch; under FSDP every process must call this)."""
+        return {name: whole(p) for name, p in self.parameters().items()}
+
+    def rebind(self, model: nn.Module) -> None:
+        """Point every member at the parameters `model` holds now: FSDP replaces them with
+        sharded ones when it wraps the model (same names, new objects)."""
+        for delta in self.members:
+            delta.params = {name: model.get_parameter(name) for name in delta.params}
 
     def export(self) -> tuple[list[DeltaConfig], dict[str, torch.Tensor]]:
         """What a saved delta holds: the deltas' configs as saved, and the tensors under
@@ -278,10 +304,10 @@ class DeltaSet:
         self.load_state_dict(tensors)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy values in: one tensor for every trainable parameter, of its shape."""
+        """Copy values in: one whole tensor for every trainable parameter, of its shape."""
         with torch.no_grad():
             for name, param in self.parameters().items():
-                param.copy_(tensors[name].to(param.dtype))
+                assign(param, tensors[name])
 
     def detach(self) -> None:
         for delta in reversed(self.members):

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -30,6 +31,7 @@ from deltacli.deltas.base import (
     DeltaConfig,
     register,
     trainable_like,
+    whole,
 )
 from deltacli.deltas.targets import modules_by_name, select
 from deltacli.errors import DeltacliError
@@ -176,8 +178,9 @@ class Prefix(Delta):
 
     def export(self) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         """The prefix as trained, MLP folded: what inference needs and PEFT loads."""
+        whole_params = {name: whole(p) for name, p in self.encoder.named_parameters()}
         with torch.no_grad():
-            folded = self.encoder().detach()
+            folded = functional_call(self.encoder, whole_params, ()).detach()
         config = dataclasses.replace(self.config, projection=None)
         return config, {"prefix_encoder.embedding.weight": folded}
 

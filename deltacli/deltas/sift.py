@@ -100,6 +100,7 @@ class Sift(Delta):
     kind = "sift"
     config_class = SiftConfig
     mergeable = True
+    shardable = False  # writes base + increment into W at its indices
     config: SiftConfig
 
     def attach(self, model: nn.Module) -> None:
