@@ -25,14 +25,18 @@ from deltacli.tasks import task as task_entry
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: DataLoader, accelerator: Accelerator, task: Task
+    model: nn.Module,
+    batches: DataLoader,
+    accelerator: Accelerator,
+    task: Task,
+    labels: list | None = None,
 ) -> dict[str, float]:
     """The task's metrics over every example, gathered from all processes (duplicates that
-    pad the last batch across processes are dropped)."""
+    pad the last batch across processes are dropped); `labels` names the classes."""
     was_training = model.training
     model.eval()
     try:
-        return task.score(model, batches, accelerator)
+        return task.score(model, batches, accelerator, labels)
     finally:
         model.train(was_training)
 
@@ -124,7 +128,7 @@ def score_delta(
     accelerator = make_accelerator(mixed_precision=compute_precision(recipe, gpu))
     base, deltas = prepare_model(recipe, device=accelerator.device)
     saved.load_into(deltas)
-    metrics = _score(base, tokenizer, encoded, batch_size, task, accelerator)
+    metrics = _score(base, tokenizer, encoded, batch_size, task, accelerator, labels)
     if generation is not None:
         if task.prompts is None:
             raise DeltacliError(f"--generate needs a generative task; this delta is {task.name}")
@@ -177,7 +181,7 @@ def score_model(
     )
     accelerator = make_accelerator()
     model = load_model(folder, task, labels)
-    return _score(model, tokenizer, encoded, batch_size, entry, accelerator)
+    return _score(model, tokenizer, encoded, batch_size, entry, accelerator, labels)
 
 
 def _with_columns(config: DataConfig, columns: dict[str, str | None] | None) -> DataConfig:
@@ -185,8 +189,14 @@ def _with_columns(config: DataConfig, columns: dict[str, str | None] | None) -> 
 
 
 def _score(
-    model: nn.Module, tokenizer, table, batch_size: int, task: Task, accelerator: Accelerator
+    model: nn.Module,
+    tokenizer,
+    table,
+    batch_size: int,
+    task: Task,
+    accelerator: Accelerator,
+    labels: list | None,
 ) -> dict[str, float]:
     loader = batches(table, task.collate(tokenizer, table), batch_size, False)
     model, loader = accelerator.prepare(model, loader)
-    return evaluate(model, loader, accelerator, task)
+    return evaluate(model, loader, accelerator, task, labels)

@@ -20,13 +20,24 @@ if TYPE_CHECKING:  # rendering reads reports; it need not import what produces t
 
 METRIC_NAMES = {
     "accuracy": "accuracy",
+    "f1": "F1 (positive class: {positive_class})",
     "macro_f1": "macro-F1",
+    "weighted_f1": "weighted F1",
     "mcc": "Matthews corr.",
     "perplexity": "perplexity",
     "exact_match": "exact match",
     "rouge_l": "ROUGE-L",
     "bleu": "BLEU",
 }
+
+
+def metric_rows(metrics: dict) -> list[tuple[str, float]]:
+    """(exact name, value) of each metric present, in a fixed order: F1 says its class."""
+    return [
+        (name.format(positive_class=metrics.get("positive_class", "?")), metrics[key])
+        for key, name in METRIC_NAMES.items()
+        if key in metrics
+    ]
 
 
 def print_json(console: Console, data: Any) -> None:
@@ -39,9 +50,8 @@ def metrics_table(metrics: dict, title: str) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, name in METRIC_NAMES.items():
-        if key in metrics:
-            table.add_row(name, f"{metrics[key]:.4f}")
+    for name, value in metric_rows(metrics):
+        table.add_row(name, f"{value:.4f}")
     if "loss" in metrics:
         table.add_row("loss", f"{metrics['loss']:.4f}")
     for key in ("examples", "tokens", "generated"):
@@ -64,9 +74,8 @@ def train_summary(output: str, metrics: dict) -> Table:
     table.add_row("train loss", f"{train['loss']:.4f}")
     table.add_row("throughput", f"{train['samples_per_second']:.1f} samples/s")
     table.add_row("best epoch", str(metrics["best_epoch"]))
-    for key, name in METRIC_NAMES.items():
-        if key in scores:
-            table.add_row(f"eval {name}", f"{scores[key]:.4f}")
+    for name, value in metric_rows(scores):
+        table.add_row(f"eval {name}", f"{value:.4f}")
     table.add_row("wall time", f"{metrics['wall_seconds']:.1f} s")
     table.add_row("saved to", output)
     return table
@@ -223,9 +232,8 @@ def delta_report(report: DeltaReport) -> list[Table]:
     summary.add_row("base model", report.base_model)
     summary.add_row("parameters", f"{report.parameters:,} in {report.tensors:,} tensors")
     summary.add_row("size on disk", _bytes(report.bytes_on_disk))
-    for key, name in METRIC_NAMES.items():
-        if key in report.metrics.get("eval", {}):
-            summary.add_row(f"eval {name}", f"{report.metrics['eval'][key]:.4f}")
+    for name, value in metric_rows(report.metrics.get("eval", {})):
+        summary.add_row(f"eval {name}", f"{value:.4f}")
     for problem in report.problems:
         summary.add_row("[yellow]unreadable[/]", escape(problem))
     tables = [

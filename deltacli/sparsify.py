@@ -231,7 +231,8 @@ def _sparsify(base, source, output, density, by, targets, overwrite, console) ->
     )
     recipe = _recipe(base, source, sift, bool(head))
     with atomic_dir(output, overwrite, "sparse delta", notice_on(console)) as scratch:
-        write_values(scratch, recipe, values, {"sparsify": {"density": density, "by": by}})
+        sparsified = {"sparsify": {"density": density, "by": by}}
+        write_values(scratch, recipe, values, sparsified, output)
     return SparsifyReport(
         output=str(output),
         density=density,
@@ -319,7 +320,11 @@ def _recipe(base: str, source: TunedModel | TunedDelta, sift: SiftConfig, head: 
 
 
 def write_values(
-    folder: Path, recipe: Recipe, values: dict[str, torch.Tensor], metrics: dict | None
+    folder: Path,
+    recipe: Recipe,
+    values: dict[str, torch.Tensor],
+    metrics: dict | None,
+    home: Path | None = None,
 ) -> None:
     """A delta directory for `recipe` from its tensors by parameter name, keyed the way its
     kinds key them (attached on the meta device), so that it loads like a trained one."""
@@ -328,7 +333,8 @@ def write_values(
     if set(keys) != set(values):
         missing = sorted(set(keys) ^ set(values))
         raise DeltacliError(f"the sparse delta does not fit its recipe ({missing[0]})")
-    write_delta(folder, recipe, {keys[name]: value for name, value in values.items()}, metrics)
+    tensors = {keys[name]: value for name, value in values.items()}
+    write_delta(folder, recipe, tensors, metrics, home=home)
 
 
 def mask_recipe(
@@ -366,5 +372,6 @@ def masks_from_gradients(recipe: Recipe, output: Path, overwrite: bool = False) 
     deltas.calibrate(accelerator.unwrap_model(model), loader, accelerator)
     configs, tensors = deltas.export()
     with atomic_dir(output, overwrite, "SIFT masks") as scratch:
-        write_delta(scratch, dataclasses.replace(recipe, deltas=configs), tensors, None)
+        masks = dataclasses.replace(recipe, deltas=configs)
+        write_delta(scratch, masks, tensors, None, home=output)
     return deltas.densities()

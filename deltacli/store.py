@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from deltacli.card import CARD_FILE, model_card
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
 from deltacli.files import read_mapping
@@ -46,6 +47,7 @@ def save_delta(
     recipe: Recipe,
     base_model: str,
     metrics: dict | None,
+    home: Path | None = None,
 ) -> None:
     """Write the delta's tensors, PEFT config (where PEFT has the method), recipe and metrics.
 
@@ -56,7 +58,8 @@ def save_delta(
     if folder is None:
         return
     peft = peft_config(deltas, recipe.task, base_model)
-    write_delta(folder, dataclasses.replace(recipe, deltas=configs), tensors, metrics, peft)
+    saved = dataclasses.replace(recipe, deltas=configs)
+    write_delta(folder, saved, tensors, metrics, peft, home)
 
 
 def write_delta(
@@ -65,8 +68,10 @@ def write_delta(
     tensors: dict[str, torch.Tensor],
     metrics: dict | None,
     peft: dict | None = None,
+    home: Path | None = None,
 ) -> None:
-    """The files of a delta directory, from its recipe and its tensors by file key."""
+    """The files of a delta directory, from its recipe and its tensors by file key; `home`
+    is where the folder will live, for the model card's snippets."""
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     if peft is not None:
@@ -74,6 +79,7 @@ def write_delta(
     (folder / RECIPE_FILE).write_text(dump_recipe(recipe), encoding="utf-8")
     if metrics is not None:
         write_json(folder / METRICS_FILE, metrics)
+    (folder / CARD_FILE).write_text(model_card(recipe, metrics, peft, home), encoding="utf-8")
 
 
 @dataclasses.dataclass

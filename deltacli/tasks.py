@@ -46,7 +46,7 @@ class Task:
     prepare: Callable  # (train, eval, data config, tokenizer, mask_prompt) -> TaskData
     for_scoring: Callable  # (table, data config, tokenizer, source) -> (encoded, labels)
     collate: Callable  # (tokenizer, encoded table) -> collator
-    score: Callable  # (model, batches, accelerator) -> metrics
+    score: Callable  # (model, batches, accelerator, label names) -> metrics
     prompts: Callable | None = None  # (table, data config, tokenizer) -> (prompt, reference)
 
     def load_data(
@@ -66,7 +66,7 @@ CLASSIFICATION = Task(
     model_class=AutoModelForSequenceClassification,
     peft_task_type="SEQ_CLS",
     architectures=("ForSequenceClassification",),
-    metrics=("accuracy", "macro_f1", "mcc", "loss"),
+    metrics=("accuracy", "f1", "macro_f1", "weighted_f1", "mcc", "loss"),
     generative=False,
     prepare=prepare_classes,
     for_scoring=classes_for_scoring,

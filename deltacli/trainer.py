@@ -41,6 +41,7 @@ from deltacli.resume import (
     write_random_state,
 )
 from deltacli.runtime import make_accelerator, versions
+from deltacli.scoring import reported_metrics
 from deltacli.store import LOG_FILE, RECIPE_FILE, save_delta
 
 
@@ -180,7 +181,7 @@ class RunFolder:
             save_delta(None, trainer.deltas, trainer.recipe, base, metrics)
         else:
             try:
-                save_delta(self.path, trainer.deltas, trainer.recipe, base, metrics)
+                save_delta(self.path, trainer.deltas, trainer.recipe, base, metrics, self.target)
             except OSError as error:
                 kept = checkpoints(self.path)
                 where = (
@@ -250,6 +251,7 @@ class Trainer:
         self.recipe = dataclasses.replace(
             recipe, data=dataclasses.replace(recipe.data, labels=self.data.labels)
         )
+        self._check_best_metric()
         self.model, self.deltas = prepare_model(self.recipe, device=self.accelerator.device)
         if self.task.generative:
             # No cache while training: it only costs memory, and transformers keeps packed
@@ -322,6 +324,16 @@ class Trainer:
             raise DeltacliError(
                 "DeepSpeed ZeRO-3 is not supported yet; use FSDP for a base beyond one GPU "
                 "(examples/accelerate/fsdp.yaml) or ZeRO stage 1-2"
+            )
+
+    def _check_best_metric(self) -> None:
+        """F1 of the positive class needs two labels; weighted F1 more (both are reported
+        only then)."""
+        labels, metric = self.data.labels, self.recipe.train.best_metric
+        if labels is not None and metric not in reported_metrics(len(labels)):
+            raise DeltacliError(
+                f"train.best_metric={metric} is not reported for {len(labels)} labels; "
+                f"choose one of {', '.join(reported_metrics(len(labels)))}"
             )
 
     def notice(self, line: str) -> None:
@@ -437,7 +449,9 @@ class Trainer:
 
     def _evaluate_epoch(self, log: MetricsLog) -> None:
         """Score the eval set; remember this epoch's delta if it is the best so far."""
-        scores = evaluate(self.model, self.eval_batches, self.accelerator, self.task)
+        scores = evaluate(
+            self.model, self.eval_batches, self.accelerator, self.task, self.data.labels
+        )
         self.history.append({"epoch": self.epoch, "step": self.step, **scores})
         log.write(step=self.step, epoch=self.epoch, eval=scores)
         if self.best is None or not self.recipe.train.keep_best or self._better(scores, self.best):

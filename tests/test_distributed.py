@@ -77,16 +77,24 @@ def test_sift_chooses_the_same_entries_on_every_rank(tiny_bert, sentiment, tmp_p
 
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 @pytest.mark.parametrize(
-    "delta",
+    "deltas",
     [
-        {"kind": "lora", "r": 4},
-        {"kind": "sift", "density": 0.05, "select_batches": 2},
-        {"kind": "full"},
+        # LoRA on query/value and SIFT on key/attention output, composed: one run tests both.
+        [
+            {"kind": "lora", "r": 4},
+            {
+                "kind": "sift",
+                "density": 0.05,
+                "select_batches": 2,
+                "targets": ["key", "attention.output.dense"],
+            },
+        ],
+        [{"kind": "full"}],
     ],
-    ids=["lora", "sift", "full"],
+    ids=["lora+sift", "full"],
 )
 def test_two_processes_with_batch_b_equal_one_with_batch_2b(
-    tiny_bert_no_dropout, sentiment, tmp_path, delta
+    tiny_bert_no_dropout, sentiment, tmp_path, deltas
 ):
     """Data parallelism changes nothing but speed: 2 processes × 8 examples a step train the
     delta 1 process × 16 does (same seed, the same 16 examples a step), to float64 rounding."""
@@ -94,7 +102,7 @@ def test_two_processes_with_batch_b_equal_one_with_batch_2b(
     recipe.write_text(json.dumps({
         "model": str(tiny_bert_no_dropout), "base_dtype": "fp64",
         "data": {"train": str(sentiment["train"]), "eval": str(sentiment["eval"]), "text": "text"},
-        "deltas": [delta], "train": {"max_steps": 4, "lr": 1e-2, "weight_decay": 0.0},
+        "deltas": deltas, "train": {"max_steps": 4, "lr": 1e-2, "weight_decay": 0.0},
     }))  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     runs = {

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from deltacli.build import prepare_model
-from deltacli.evaluate import score_delta
+from deltacli.evaluate import evaluate, score_delta
 from deltacli.inspection import inspect_model
 from deltacli.merge import merge
 from deltacli.store import WEIGHTS_FILE, read_delta
@@ -40,7 +40,7 @@ def test_a_bf16_base_trains_float32_deltas_and_learns(tiny_bert, sentiment, meth
     trained = {p.dtype for p in trainer.deltas.parameters().values()}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
     assert trainer.accelerator.mixed_precision == "bf16"  # autocast meets both in one type
-    before = trainer.task.score(trainer.model.eval(), trainer.eval_batches, trainer.accelerator)
+    before = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator, trainer.task)
     after = trainer.fit(MetricsLog(None))["eval"]
     assert after["loss"] < before["loss"]
 
@@ -88,7 +88,7 @@ def test_a_quantised_base_trains_lora_ia3_and_adapters(tiny_llama, instructions,
     linear = trainer.model.model.layers[0].self_attn.q_proj
     assert not linear.weight.is_floating_point()  # stored in 4 or 8 bits
     assert {p.dtype for p in trainer.deltas.parameters().values()} == {torch.float32}
-    before = trainer.task.score(trainer.model.eval(), trainer.eval_batches, trainer.accelerator)
+    before = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator, trainer.task)
     after = trainer.fit(MetricsLog(None))["eval"]
     assert after["loss"] < before["loss"]
 

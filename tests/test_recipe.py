@@ -56,7 +56,7 @@ def test_null_override_clears_an_optional_key():
         ("train.keep_best=maybe", "train.keep_best must be true or false"),
         (
             "train.best_metric=f2",
-            "train.best_metric for sequence-classification must be one of accuracy, macro_f1, mcc, loss (or auto); got 'f2'",
+            "train.best_metric for sequence-classification must be one of accuracy, f1, macro_f1, weighted_f1, mcc, loss (or auto); got 'f2'",
         ),
         ("deltas.3.r=4", "'deltas.3' is out of range"),
         ("deltas.0.kind=lorra", "unknown delta kind 'lorra' (did you mean 'lora'?)"),
