@@ -79,7 +79,8 @@ def recipe(model: Path, method: str, steps: int):
 
 
 def run_deltacli(model: Path, method: str, steps: int) -> dict:
-    from deltacli.trainer import MetricsLog, Trainer
+    from deltacli.logs import MetricsLog
+    from deltacli.trainer import Trainer
 
     trainer = Trainer(recipe(model, method, steps), console=None)
     metrics = trainer.fit(MetricsLog(None))

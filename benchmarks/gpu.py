@@ -143,7 +143,8 @@ class Clock:
 def run_deltacli(model: str, data: Path, method: str, variant: str, steps: int, warmup: int):
     import torch
 
-    from deltacli.trainer import MetricsLog, Trainer
+    from deltacli.logs import MetricsLog
+    from deltacli.trainer import Trainer
 
     gpu = torch.cuda.is_available()
     trainer = Trainer(recipe(model, data, method, variant, warmup + steps + 1, gpu), console=None)

@@ -35,7 +35,7 @@ from transformers import (
 from deltacli.data import load_table
 from deltacli.models import resolve
 from deltacli.recipe import Recipe, load_recipe, recipe_file
-from deltacli.trainer import train
+from deltacli.runs import train
 
 console = Console()
 

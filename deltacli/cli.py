@@ -11,6 +11,7 @@ import errno
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -111,8 +112,8 @@ def train(
     """
     from deltacli.recipe import load_recipe, recipe_file, with_mask
     from deltacli.render import preview_table, train_summary
-    from deltacli.trainer import resume as resume_training
-    from deltacli.trainer import train as run_training
+    from deltacli.runs import resume as resume_training
+    from deltacli.runs import train as run_training
 
     settings: dict[str, str | None] = {"model": model} if model else {}
     if data:
@@ -421,6 +422,140 @@ def sparsify(
     else:
         for table in sparsify_summary(report):
             out.print(table)
+
+
+SWEEP_EXAMPLES = r"""
+[bold]Examples[/]
+
+  deltacli sweep --methods lora,adapter,prefix --seeds 1,2,3 --grid train.lr=1e-4,5e-4,2e-3 \
+      --model ./bert --data train.csv --eval-data dev.csv -o sweeps/sst2
+  [dim]# each recipe's own learning rate halved, kept and doubled[/]
+  deltacli sweep --methods lora,ia3,full --grid train.lr=x0.5,x1,x2 -o sweeps/lr --dry-run
+  deltacli report sweeps/sst2 --csv sweeps/sst2.csv
+"""
+
+
+@app.command(epilog=SWEEP_EXAMPLES)
+def sweep(
+    overrides: Overrides = None,
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated shipped recipes, e.g. lora,adapter.")
+    ] = None,
+    recipes: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--recipe", "-r", help="A recipe file to include (repeatable).", dir_okay=False
+        ),
+    ] = None,
+    seeds: Annotated[
+        str, typer.Option(help="Comma-separated seeds; every point runs each.")
+    ] = "42",
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="One axis: KEY=V1,V2,… (repeatable). xN multiplies each recipe's own value."
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Base model for every run.")] = None,
+    data: Annotated[str | None, typer.Option(help="Training data for every run.")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="Evaluation data for every run.")] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The sweep folder (one run folder each).")
+    ] = Path("sweeps/sweep"),
+    dry_run: Annotated[
+        bool, typer.Option(help="List the runs and their status; run none.")
+    ] = False,
+    launch: Annotated[
+        str | None,
+        typer.Option(
+            help='Run each as its own command behind this prefix, e.g. "accelerate launch '
+            '--multi_gpu --num_processes 2".'
+        ),
+    ] = None,
+    json: Json = False,
+) -> None:
+    """Train every method × grid point × seed, each a normal run; report the comparison.
+
+    Started again, a sweep skips the runs that finished and resumes the one that stopped.
+    """
+    from deltacli.render import print_json, report_table, sweep_table
+    from deltacli.report import collect, summarize
+    from deltacli.sweep import Axis, execute, listing, plan, run_recipe, write_plan
+
+    sources = [*(methods.split(",") if methods else []), *map(str, recipes or [])]
+    axes = [Axis.parse(text) for text in grid or []]
+    seed_list = _integers(seeds, "--seeds")
+    settings: dict[str, str | None] = {"model": model} if model else {}
+    if data:
+        settings |= {"data.train": data, "data.eval": eval_data}
+    elif eval_data:
+        settings["data.eval"] = eval_data
+    runs = plan(sources, axes, seed_list)
+    recipe_of = partial(run_recipe, overrides=overrides or [], settings=settings)
+    for run in runs:
+        recipe_of(run)  # every run's recipe checks out before any trains
+    if dry_run:
+        rows = listing(output, runs)
+        print_json(out, rows) if json else out.print(sweep_table(rows, f"{len(rows)} runs"))
+        return
+    extra = {"methods": sources, "overrides": overrides or [], "settings": settings}
+    write_plan(output, runs, axes, seed_list, extra)
+    counts = execute(output, runs, recipe_of, err, launch)
+    err.print("sweep: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+    rows = summarize(collect([output]))
+    print_json(out, rows) if json else out.print(report_table(rows))
+
+
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise DeltacliError(
+            f"{option} must be integers separated by commas, got {text!r}"
+        ) from None
+
+
+REPORT_EXAMPLES = """
+[bold]Examples[/]
+
+  deltacli report sweeps/sst2
+  deltacli report runs/lora-a runs/lora-b runs/full --metric f1 --json
+  deltacli report sweeps/sst2 --csv sst2.csv --plots figures/
+"""
+
+
+@app.command(epilog=REPORT_EXAMPLES)
+def report(
+    paths: Annotated[list[Path], typer.Argument(help="Run folders or sweep folders.")],
+    metric: Annotated[
+        str | None,
+        typer.Option(help="Compare on this eval metric [default: each run's best_metric]."),
+    ] = None,
+    csv: Annotated[Path | None, typer.Option(help="Also write the table as CSV here.")] = None,
+    plots: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for metric-vs-share.png and curves.png [default: the first path]."
+        ),
+    ] = None,
+    json: Json = False,
+) -> None:
+    """Compare runs: per method, the best setting's metric (mean ± std over seeds), the share
+    of parameters trained, best lr, speed, memory; plus the accuracy-vs-parameters figure."""
+    from deltacli import plots as figures_module
+    from deltacli.render import print_json, report_table
+    from deltacli.report import collect, figures, summarize, write_csv
+
+    results = collect(paths, metric)
+    rows = summarize(results)
+    print_json(out, rows) if json else out.print(report_table(rows))
+    if csv:
+        write_csv(rows, csv)
+    if figures_module.available():
+        for made in figures(rows, results, plots or paths[0]):
+            err.print(f"wrote {made}")
+    else:
+        err.print(f"[yellow]figures need matplotlib: {figures_module.INSTALL}[/]")
 
 
 def _is_main_process() -> bool:

@@ -16,6 +16,7 @@ from deltacli.deltas.targets import collapse_indices
 if TYPE_CHECKING:  # rendering reads reports; it need not import what produces them
     from deltacli.inspection import DeltaReport, Group, Layer, ModelReport, Node
     from deltacli.merge import MergeReport
+    from deltacli.report import MethodRow
     from deltacli.sparsify import SparsifyReport
 
 METRIC_NAMES = {
@@ -43,6 +44,8 @@ def metric_rows(metrics: dict) -> list[tuple[str, float]]:
 def print_json(console: Console, data: Any) -> None:
     if dataclasses.is_dataclass(data):
         data = dataclasses.asdict(data)
+    elif isinstance(data, list):
+        data = [dataclasses.asdict(d) if dataclasses.is_dataclass(d) else d for d in data]
     console.print_json(json.dumps(data, default=str))
 
 
@@ -285,3 +288,39 @@ def _bytes(count: int) -> str:
             return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
         count /= 1024
     return str(count)
+
+
+def sweep_table(rows: list[dict], title: str) -> Table:
+    """The runs of a sweep (`--dry-run`): name, grid point, seed, status."""
+    table = Table(title=title, title_justify="left")
+    for column in rows[0]:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(value) for value in row.values()))
+    return table
+
+
+def report_table(rows: list[MethodRow]) -> Table:
+    """Per method: what trains, the best setting's score over seeds, speed and memory."""
+    metric = rows[0].metric if rows else "metric"
+    table = Table(
+        title=f"deltacli report · eval {metric}, best setting per method", title_justify="left"
+    )
+    for column in ("method", "trainable", "%", f"{metric} (mean ± std)", "seeds", "best lr",
+                   "samples/s", "peak RSS", "wall"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        memory = f"{row.peak_rss_mb:,.0f} MB" if row.peak_rss_mb is not None else "—"
+        if row.peak_gpu_gib is not None:
+            memory += f" / {row.peak_gpu_gib:.1f} GiB GPU"
+        table.add_row(
+            row.method, f"{row.trainable:,}", f"{row.share:.3f}%",
+            _spread(row.mean, row.std, percent=row.metric != "loss"),
+            str(row.seeds), f"{row.lr:.1e}", f"{row.samples_per_second:.0f}", memory,
+            f"{row.wall_seconds:.0f} s",
+        )  # fmt: skip
+    return table
+
+
+def _spread(mean: float, std: float, percent: bool) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if percent else f"{mean:.4f} ± {std:.4f}"

@@ -94,6 +94,11 @@ class TrainConfig:
         "no", "autocast precision passed to accelerate (GPU; the CPU runs fp32)"
     )
     cpu: bool = option(False, "train on the CPU even where an accelerator is present")
+    report_to: list[str] = option(
+        [],
+        "experiment trackers accelerate logs to, e.g. [tensorboard] or [wandb, mlflow] (each "
+        "must be installed); the same figures as metrics.jsonl, under the run's trackers/",
+    )
 
     def __post_init__(self) -> None:
         check_ranges(self, "train.")

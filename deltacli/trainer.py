@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import shutil
 import time
-from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from transformers import get_linear_schedule_with_warmup
 
 from deltacli.build import check_attaches, compute_precision, parameter_counts, prepare_model
@@ -28,203 +26,24 @@ from deltacli.data import batches
 from deltacli.errors import DeltacliError
 from deltacli.evaluate import evaluate, generate
 from deltacli.interrupts import Interrupted, StopRequest, stop_requests
-from deltacli.models import load_tokenizer, resolve
-from deltacli.outputs import CHECKPOINTS, Scratch, check_output, has_checkpoint
-from deltacli.recipe import Recipe, dump_recipe, load_recipe
-from deltacli.resume import (
-    checkpoint_name,
-    checkpoints,
-    find_run,
-    read_checkpoint,
-    restore_random_state,
-    write_checkpoint,
-    write_random_state,
-)
-from deltacli.runtime import make_accelerator, versions
+from deltacli.logs import MetricsLog, progress_bars, trackers
+from deltacli.models import load_tokenizer
+from deltacli.recipe import Recipe
+from deltacli.resume import read_checkpoint, restore_random_state
+from deltacli.runtime import make_accelerator, peak_memory, reset_peak_memory, versions
 from deltacli.scoring import reported_metrics
-from deltacli.store import LOG_FILE, RECIPE_FILE, save_delta
 
 
-@dataclasses.dataclass
-class TrainResult:
-    output: Path
-    recipe: Recipe
-    metrics: dict
+class Checkpoints(Protocol):
+    """Where `fit` writes checkpoints (a run's folder: `runs.RunFolder`)."""
 
+    checkpoints: bool  # whether checkpoints can be written at all (not under FSDP yet)
 
-def default_output(recipe: Recipe) -> Path:
-    return Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    def due(self, step: int) -> bool: ...
 
+    def save(self, trainer: Trainer, log: MetricsLog) -> Path: ...
 
-# Recipe sections a resumed run may not change: the model, what it learns, the data, the
-# deltas. (`train.*` may change, e.g. a lower learning rate after a diverged run.)
-_FIXED_ON_RESUME = ("model", "task", "head", "data", "deltas")
-
-
-def train(
-    recipe: Recipe,
-    output: Path | None = None,
-    overwrite: bool = False,
-    console: Console | None = None,
-) -> TrainResult:
-    """Train `recipe`'s deltas and save the best epoch's delta to `output`, checkpointing
-    as `train.save_every` asks so that `resume` can continue an interrupted run."""
-    output = output or default_output(recipe)
-    check_output(output, overwrite)
-    return _run(recipe, output, overwrite, console, None)
-
-
-def resume(output: Path, overrides: list[str] = (), console: Console | None = None) -> TrainResult:
-    """Continue the run that was writing `output` from its newest checkpoint, with the
-    recipe it saved (`train.*` overrides allowed)."""
-    fixed = [o for o in overrides if o.split("=")[0].split(".")[0] in _FIXED_ON_RESUME]
-    if fixed:
-        raise DeltacliError(
-            f"--resume continues the run's own recipe; {fixed[0]!r} would change its model, "
-            "data or deltas (only train.* settings may change)"
-        )
-    folder, checkpoint = find_run(output)
-    recipe = load_recipe(folder / RECIPE_FILE, list(overrides))
-    return _run(recipe, output, True, console, (folder, checkpoint))
-
-
-def _run(
-    recipe: Recipe,
-    output: Path,
-    overwrite: bool,
-    console: Console | None,
-    resuming: tuple[Path, Path] | None,
-) -> TrainResult:
-    trainer = Trainer(recipe, console, resuming[1] if resuming else None)
-    run = RunFolder.open(trainer, output, overwrite, resuming)
-    try:
-        with MetricsLog(run.log_path(trainer.log_bytes)) as log:
-            before = trainer.preview()
-            metrics = trainer.fit(log, run)
-            if before:
-                after = trainer.preview()
-                metrics["preview"] = [
-                    {"prompt": p, "before": b, "after": a, "reference": r}
-                    for (p, r), b, a in zip(trainer.data.prompts, before, after, strict=False)
-                ]
-            run.finish(trainer, metrics)
-    except BaseException:
-        run.abandon()
-        raise
-    return TrainResult(output, trainer.recipe, metrics)
-
-
-class RunFolder:
-    """Where a run writes: the scratch folder that becomes the delta directory, and its
-    checkpoints. Every process knows its path (they all save random state into
-    checkpoints); only the main process writes the rest."""
-
-    def __init__(self, trainer: Trainer, scratch: Scratch | None, path: Path) -> None:
-        self.accelerator = trainer.accelerator
-        self.scratch, self.path = scratch, path
-        self.recipe = trainer.recipe
-        self.save_every = trainer.recipe.train.save_every
-        self.keep = trainer.recipe.train.keep_checkpoints
-        # Sharded optimizer state (FSDP) is not checkpointed yet: such runs save at the end.
-        self.checkpoints = not trainer.sharded
-        self.target = scratch.target if scratch else None
-
-    @classmethod
-    def open(
-        cls, trainer: Trainer, output: Path, overwrite: bool, resuming: tuple[Path, Path] | None
-    ) -> RunFolder:
-        scratch = None
-        if trainer.accelerator.is_main_process:
-            notice = trainer.notice
-            if resuming:
-                scratch = Scratch.adopt(output, resuming[0])
-            else:
-                scratch = Scratch.create(output, overwrite, notice)
-                (scratch.path / RECIPE_FILE).write_text(dump_recipe(trainer.recipe), "utf-8")
-        path = broadcast_object_list([scratch.path if scratch else None])[0]
-        return cls(trainer, scratch, path)
-
-    def log_path(self, keep_bytes: int | None) -> Path | None:
-        """The training log (main process); a resumed run first drops what the interrupted
-        one logged after its checkpoint."""
-        if self.scratch is None:
-            return None
-        log = self.path / LOG_FILE
-        if keep_bytes is not None and log.is_file():
-            with log.open("r+b") as file:
-                file.truncate(keep_bytes)
-        return log
-
-    def due(self, step: int) -> bool:
-        return self.checkpoints and self.save_every is not None and step % self.save_every == 0
-
-    def save(self, trainer: Trainer, log: MetricsLog) -> Path:
-        """A checkpoint of the trainer as it stands (every process takes part)."""
-        write_random_state(self.path, self.accelerator.process_index)
-        self.accelerator.wait_for_everyone()
-        saved = self.path / CHECKPOINTS / checkpoint_name(trainer.step)
-        if self.accelerator.is_main_process:
-            tensors, state = trainer.checkpoint_state()
-            state["log_bytes"] = log.size()
-            saved = write_checkpoint(self.path, trainer.step, tensors, state, self.keep)
-        self.accelerator.wait_for_everyone()
-        return saved
-
-    def resume_hint(self) -> str:
-        return f"deltacli train --resume {self.target or '<output>'}"
-
-    def finish(self, trainer: Trainer, metrics: dict) -> None:
-        """Write the delta, drop the checkpoints, and rename the folder into place (every
-        process gathers its share of a sharded delta; the main one writes)."""
-        base = resolve(trainer.recipe.model)
-        if self.scratch is None:
-            save_delta(None, trainer.deltas, trainer.recipe, base, metrics)
-        else:
-            try:
-                save_delta(self.path, trainer.deltas, trainer.recipe, base, metrics, self.target)
-            except OSError as error:
-                kept = checkpoints(self.path)
-                where = (
-                    f"; its last checkpoint is kept: free space and run {self.resume_hint()}"
-                    if kept
-                    else ""
-                )
-                raise DeltacliError(
-                    f"cannot write the trained delta to {self.path} ({error.strerror}){where}"
-                ) from None
-            shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
-            self.scratch.publish("delta")
-        self.accelerator.wait_for_everyone()
-
-    def abandon(self) -> None:
-        """After a failure: keep the folder if a checkpoint can resume it, else remove it."""
-        if self.scratch is not None and not has_checkpoint(self.path):
-            self.scratch.discard()
-
-
-class MetricsLog:
-    """JSON lines of training figures, written by the main process only."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.file = path.open("a", encoding="utf-8") if path else None
-
-    def write(self, **record) -> None:
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def size(self) -> int:
-        return self.file.tell() if self.file else 0
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-
-    def __enter__(self) -> MetricsLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def resume_hint(self) -> str: ...
 
 
 class Trainer:
@@ -233,6 +52,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, console: Console | None, checkpoint: Path | None = None):
         self.started = time.perf_counter()
+        reset_peak_memory()
         config = recipe.train
         check_attaches(recipe)
         gpu = torch.cuda.is_available() and not config.cpu
@@ -240,6 +60,9 @@ class Trainer:
             cpu=config.cpu,
             mixed_precision=compute_precision(recipe, gpu),
             gradient_accumulation_steps=config.grad_accum,
+            log_with=trackers(config.report_to),
+            # Where trackers write is the run's folder, set once it exists (runs.RunFolder).
+            project_config=ProjectConfiguration(logging_dir="trackers"),
         )
         self.console = console if self.accelerator.is_main_process else None
         set_seed(config.seed)
@@ -359,7 +182,9 @@ class Trainer:
             if checkpoint is not None:
                 self.notice(f"resumed from {checkpoint} (step {self.step} of {self.total_steps})")
 
-    def fit(self, log: MetricsLog, run: RunFolder | None = None) -> dict:
+    def fit(
+        self, log: MetricsLog, run: Checkpoints | None = None, progress: Progress | None = None
+    ) -> dict:
         """Train for the recipe's budget, evaluating after every epoch; return the metrics of
         the best epoch (the last, without `keep_best`), with that epoch's delta loaded.
 
@@ -367,10 +192,13 @@ class Trainer:
         end, and a stop signal ends the run at the next step with a checkpoint."""
         self.model.train()
         self.meter.resume()
-        with self._progress() as progress, stop_requests() as stop:
+        shared = progress is not None
+        bars = contextlib.nullcontext(progress) if shared else progress_bars(self.console)
+        with bars as progress, stop_requests() as stop:
             bar = progress.add_task(
-                "train", total=self.total_steps, completed=self.step, loss=0.0, lr=0.0, speed=0.0
-            )
+                self.recipe.name if shared else "train",
+                total=self.total_steps, completed=self.step, loss=0.0, lr=0.0, speed=0.0,
+            )  # fmt: skip
             while self.step < self.total_steps:
                 if not self._train_epoch(log, run, stop, progress, bar):
                     break  # the budget ran out inside the epoch
@@ -384,11 +212,13 @@ class Trainer:
             if not self.history or self.history[-1]["step"] != self.step:
                 self.meter.pause()
                 self._evaluate_epoch(log)
+            if shared:
+                progress.remove_task(bar)
         self.deltas.load_state_dict(self.best_state)
         return self._summary()
 
     def _train_epoch(
-        self, log: MetricsLog, run: RunFolder | None, stop: StopRequest, progress, bar
+        self, log: MetricsLog, run: Checkpoints | None, stop: StopRequest, progress, bar
     ) -> bool:
         """One pass over the training batches, from `self.position` on (a resumed run skips
         those it trained on); False if the step budget ran out first."""
@@ -422,7 +252,7 @@ class Trainer:
                 self._checkpoint(log, run, stopping)
         return True
 
-    def _checkpoint(self, log: MetricsLog, run: RunFolder, signum: int) -> None:
+    def _checkpoint(self, log: MetricsLog, run: Checkpoints, signum: int) -> None:
         """Save a checkpoint; after a stop signal, end the run saying how to continue it."""
         if not run.checkpoints:
             if signum:
@@ -539,20 +369,6 @@ class Trainer:
         self.log_bytes = state["log_bytes"]
         restore_random_state(checkpoint, self.accelerator.process_index)
 
-    def _progress(self) -> Progress | contextlib.nullcontext:
-        return Progress(
-            TextColumn("[bold blue]{task.description}"),
-            BarColumn(),
-            TextColumn("step {task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("lr {task.fields[lr]:.2e}"),
-            TextColumn("{task.fields[speed]:.0f} samples/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=self.console is None,
-        )
-
     def _summary(self) -> dict:
         best, meter = self.best, self.meter
         return {
@@ -578,6 +394,7 @@ class Trainer:
             "wall_seconds": round(time.perf_counter() - self.started, 2),
             "world_size": self.accelerator.num_processes,
             "device": str(self.accelerator.device),
+            **peak_memory(),
             "versions": versions(),
         }
 

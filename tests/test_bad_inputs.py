@@ -408,7 +408,7 @@ def fx(tiny_bert, sentiment, tmp_path_factory) -> dict:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from deltacli.trainer import train as run_training
+    from deltacli.runs import train as run_training
     from helpers import tiny_recipe
 
     folder = tmp_path_factory.mktemp("deltas")
@@ -473,12 +473,12 @@ def test_classification_texts_cut_at_max_length_are_counted(fx, cli, tmp_path):
 def test_disk_full_while_training_keeps_the_checkpoint(fx, cli, tmp_path, monkeypatch):
     """The disk fills as the trained delta is written: the run's last checkpoint survives,
     one line says where, and --resume finishes the run once there is room."""
-    from deltacli import trainer
+    from deltacli import runs
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer, "save_delta", full)
+    monkeypatch.setattr(runs, "save_delta", full)
     args = train("train.max_steps=6", "train.save_every=2")(tmp_path, fx)
     code, _, err = cli(*args)
     check(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deltacli.card import CARD_FILE
-from deltacli.trainer import train
+from deltacli.runs import train
 from helpers import tiny_recipe
 
 

@@ -4,7 +4,8 @@ import pytest
 
 from deltacli.errors import DeltacliError
 from deltacli.evaluate import evaluate
-from deltacli.trainer import MetricsLog, Trainer
+from deltacli.logs import MetricsLog
+from deltacli.trainer import Trainer
 from helpers import tiny_recipe
 
 LLAMA_METHODS = {

@@ -13,9 +13,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from deltacli.build import prepare_model
 from deltacli.evaluate import evaluate, score_delta
 from deltacli.inspection import inspect_model
+from deltacli.logs import MetricsLog
 from deltacli.merge import merge
+from deltacli.runs import train
 from deltacli.store import WEIGHTS_FILE, read_delta
-from deltacli.trainer import MetricsLog, Trainer, train
+from deltacli.trainer import Trainer
 from helpers import assert_close, tiny_recipe
 
 SHARED = {

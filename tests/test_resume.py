@@ -21,18 +21,18 @@ from helpers import ACCELERATE, launcher
 # step K: `kill` sends SIGKILL (nothing can run after it), `int` SIGINT (Ctrl-C).
 STOPPING = """
 import os, signal, sys
-from deltacli import trainer
+from deltacli import logs
 from deltacli.cli import main
 
 how, at = sys.argv.pop(1), int(sys.argv.pop(1))
-write = trainer.MetricsLog.write
+write = logs.MetricsLog.write
 
 def write_then_stop(self, **record):
     write(self, **record)
     if record.get("step") == at and "loss" in record:
         os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGINT)
 
-trainer.MetricsLog.write = write_then_stop
+logs.MetricsLog.write = write_then_stop
 sys.exit(main())
 """
 

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from deltacli.build import prepare_model
 from deltacli.deltas import attach
 from deltacli.deltas.sift import SiftConfig
+from deltacli.logs import MetricsLog
 from deltacli.merge import merge
+from deltacli.runs import train
 from deltacli.store import read_delta
-from deltacli.trainer import MetricsLog, Trainer, train
+from deltacli.trainer import Trainer
 from helpers import assert_close, logits64, tiny_recipe
 
 QUERY = "bert.encoder.layer.0.attention.self.query"

@@ -9,8 +9,10 @@ import yaml
 from deltacli.data import load_table
 from deltacli.errors import DeltacliError
 from deltacli.evaluate import evaluate, score_delta
+from deltacli.logs import MetricsLog
+from deltacli.runs import train
 from deltacli.store import LOG_FILE, METRICS_FILE, RECIPE_FILE
-from deltacli.trainer import MetricsLog, Trainer, train
+from deltacli.trainer import Trainer
 from helpers import tiny_recipe
 
 METHODS = {

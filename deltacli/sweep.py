@@ -1,0 +1,219 @@
+"""Sweeps: recipes × a grid of settings × seeds, each a normal run under one folder.
+
+The delta-tuning literature compares methods by accuracy against the share of parameters
+trained, over learning rates and seeds; a sweep runs that grid with `train`'s own machinery.
+A sweep interrupted (Ctrl-C, a kill, a full disk) and started again skips the runs that
+finished and resumes the one that was cut short from its checkpoint. `sweep.json` records
+the plan for `deltacli report`.
+
+A grid value may be relative to each recipe's own: `train.lr=x0.5,x1,x2` halves, keeps and
+doubles every method's learning rate, so one grid fits methods whose scales differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+import shlex
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from deltacli.errors import DeltacliError
+from deltacli.files import read_mapping
+from deltacli.outputs import MARKER, has_checkpoint, scratch_folders
+from deltacli.recipe import Recipe, dump_recipe, load_recipe, recipe_file, recipe_to_dict
+
+PLAN_FILE = "sweep.json"
+_RELATIVE = re.compile(r"^x(\d+(\.\d+)?([eE][-+]?\d+)?)$")
+
+
+@dataclasses.dataclass
+class Axis:
+    """One `--grid KEY=V1,V2,…`: a dotted recipe key and its values (as typed: YAML text)."""
+
+    key: str
+    values: list[str]
+
+    @classmethod
+    def parse(cls, text: str) -> Axis:
+        key, sep, values = text.partition("=")
+        if not sep or not key or not values:
+            raise DeltacliError(
+                f"--grid {text!r} must look like KEY=V1,V2, e.g. train.lr=1e-4,1e-3"
+            )
+        return cls(key, [v.strip() for v in values.split(",")])
+
+
+@dataclasses.dataclass
+class Run:
+    """One point of the sweep: a recipe, its grid values, a seed, and where it writes."""
+
+    name: str
+    method: str
+    source: str  # a shipped recipe's name or a recipe file
+    grid: dict[str, str]
+    seed: int
+
+    def status(self, folder: Path) -> str:
+        """done, resumable (a checkpoint of an interrupted attempt), or to run."""
+        output = folder / self.name
+        if (output / MARKER).is_file():
+            return "done"
+        if any(has_checkpoint(f) for f in scratch_folders(output)):
+            return "resumable"
+        return "to run"
+
+
+def plan(sources: list[str], axes: list[Axis], seeds: list[int]) -> list[Run]:
+    """Every combination, recipe by recipe (a recipe's runs stay together)."""
+    if not sources:
+        raise DeltacliError("give the methods to compare: --methods lora,adapter or --recipe FILE")
+    runs = []
+    for source in sources:
+        method = Path(source).stem
+        for values in itertools.product(*(axis.values for axis in axes)):
+            grid = {axis.key: value for axis, value in zip(axes, values, strict=True)}
+            for seed in seeds:
+                parts = [method, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in grid.items())]
+                name = _safe("--".join([*parts, f"seed={seed}"]))
+                runs.append(Run(name, method, source, grid, seed))
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise DeltacliError("two runs of the sweep would share a folder; name the recipes apart")
+    return runs
+
+
+def run_recipe(run: Run, overrides: list[str], settings: dict[str, Any]) -> Recipe:
+    """The run's resolved recipe: the source, the sweep's settings and overrides, its grid
+    point (relative values multiply the recipe's own) and its seed."""
+    file = (
+        Path(run.source)
+        if Path(run.source).suffix in (".yaml", ".yml")
+        else recipe_file(run.source, None)
+    )
+    base = load_recipe(file, overrides, settings)
+    grid = []
+    for key, value in run.grid.items():
+        relative = _RELATIVE.match(value)
+        if relative:
+            value = repr(float(relative.group(1)) * float(_lookup(recipe_to_dict(base), key)))
+        grid.append(f"{key}={value}")
+    return load_recipe(
+        file, [*overrides, *grid, f"train.seed={run.seed}"], {**settings, "name": run.name}
+    )
+
+
+def _lookup(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        data = data[int(part)] if isinstance(data, list) else data.get(part)
+    if not isinstance(data, (int, float)) or isinstance(data, bool):
+        raise DeltacliError(f"--grid {key}=xN needs a number at {key} in every recipe")
+    return data
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.=+-]", "_", name)
+
+
+def write_plan(
+    folder: Path, runs: list[Run], axes: list[Axis], seeds: list[int], extra: dict
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {
+        "runs": [dataclasses.asdict(run) for run in runs],
+        "grid": {axis.key: axis.values for axis in axes},
+        "seeds": seeds,
+        **extra,
+    }
+    scratch = folder / f".{PLAN_FILE}.tmp"
+    scratch.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    scratch.replace(folder / PLAN_FILE)
+
+
+def read_plan(folder: Path) -> list[Run]:
+    data = read_mapping(folder / PLAN_FILE, "a sweep plan")
+    return [Run(**run) for run in data["runs"]]
+
+
+def execute(
+    folder: Path,
+    runs: list[Run],
+    recipe_of: Callable[[Run], Recipe],
+    console: Console,
+    launch: str | None = None,
+) -> dict[str, int]:
+    """Run what is not done yet, resuming the run a stopped sweep cut short; returns how many
+    runs were done before, trained now, resumed."""
+    from deltacli.logs import progress_bars
+    from deltacli.runs import resume, train
+
+    counts = {"already done": 0, "trained": 0, "resumed": 0}
+    with progress_bars(None if launch else console) as progress:
+        overall = progress.add_task(f"sweep {folder.name}", total=len(runs))
+        for index, run in enumerate(runs, 1):
+            status = run.status(folder)
+            output = folder / run.name
+            if status == "done":
+                counts["already done"] += 1
+            elif launch:
+                _launched(launch, folder, run, recipe_of(run), status, console, index, len(runs))
+                counts["resumed" if status == "resumable" else "trained"] += 1
+            elif status == "resumable":
+                resume(output, console=console, progress=progress)
+                counts["resumed"] += 1
+            else:
+                train(recipe_of(run), output, console=console, progress=progress)
+                counts["trained"] += 1
+            progress.advance(overall)
+    return counts
+
+
+def _launched(
+    launch: str,
+    folder: Path,
+    run: Run,
+    recipe: Recipe,
+    status: str,
+    console: Console,
+    index: int,
+    total: int,
+) -> None:
+    """One run as its own command (`accelerate launch … -m deltacli train …`)."""
+    console.print(f"[bold]sweep {index}/{total}[/] {escape(run.name)} ({status})")
+    if status == "resumable":
+        arguments = ["train", "--resume", str(folder / run.name)]
+    else:
+        recipes = folder / ".recipes"
+        recipes.mkdir(exist_ok=True)
+        (recipes / f"{run.name}.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        arguments = [
+            "train",
+            "--recipe",
+            str(recipes / f"{run.name}.yaml"),
+            "-o",
+            str(folder / run.name),
+        ]
+    command = [*shlex.split(launch), "-m", "deltacli", *arguments]
+    if subprocess.run(command).returncode != 0:
+        raise DeltacliError(f"run {run.name} failed; start the sweep again to resume it")
+
+
+def listing(folder: Path, runs: list[Run]) -> list[dict]:
+    """What `--dry-run` shows: every run, its grid point, seed and status."""
+    return [
+        {
+            "run": run.name,
+            "method": run.method,
+            **run.grid,
+            "seed": run.seed,
+            "status": run.status(folder),
+        }
+        for run in runs
+    ]
