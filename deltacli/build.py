@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from deltacli.deltas import DeltaSet, attach
 from deltacli.deltas.specify import ModulesConfig
+from deltacli.errors import DeltacliError
 from deltacli.models import (
     build_on_meta,
     checkpoint_dtype,
     head_modules,
     load_config,
     load_model,
+    resolve,
 )
+from deltacli.peft_format import peft_config
 from deltacli.precision import base_dtype, mixed_precision
 from deltacli.recipe import Recipe
-from deltacli.store import SavedDelta
+from deltacli.store import SavedDelta, write_delta
 
 
 def attach_recipe(model: nn.Module, recipe: Recipe) -> DeltaSet:
@@ -56,6 +60,26 @@ def compute_precision(recipe: Recipe, gpu: bool) -> str:
         config = load_config(recipe.model, recipe.data.labels)
         stored = base_dtype(recipe.base_dtype, checkpoint_dtype(config), gpu)
     return mixed_precision(recipe.train.mixed_precision, stored, gpu)
+
+
+def save_values(
+    folder: Path,
+    recipe: Recipe,
+    values: dict[str, torch.Tensor],
+    metrics: dict | None,
+    home: Path | None = None,
+) -> None:
+    """A delta directory for `recipe` from its tensors by parameter name (a sparsified or a
+    decoded delta), keyed the way its kinds key them (attached on the meta device), with
+    PEFT's config where PEFT has the method: it loads like a trained one."""
+    _, deltas = prepare_model(recipe, meta=True)
+    keys = deltas.keys()
+    if set(keys) != set(values):
+        different = sorted(set(keys) ^ set(values))
+        raise DeltacliError(f"the tensors do not fit the recipe's deltas ({different[0]})")
+    peft = peft_config(deltas, recipe.task, resolve(recipe.model))
+    tensors = {keys[name]: value for name, value in values.items()}
+    write_delta(folder, recipe, tensors, metrics, peft, home)
 
 
 def check_attaches(recipe: Recipe) -> None:

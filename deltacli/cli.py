@@ -558,6 +558,119 @@ def report(
         err.print(f"[yellow]figures need matplotlib: {figures_module.INSTALL}[/]")
 
 
+SUBSPACE_EXAMPLES = r"""
+[bold]Examples[/]
+
+  [dim]# deltas of three methods, trained on one task and base, then their shared 4-d subspace[/]
+  deltacli subspace fit runs/lora runs/adapter runs/prefix -o spaces/sst2 --dim 4
+  [dim]# train only z (4 numbers) and the head, through LoRA's decoder, on another task[/]
+  deltacli train --method subspace deltas.0.subspace=spaces/sst2 deltas.0.through=lora \
+      --data agnews-train.csv --eval-data agnews-test.csv data.text=text -o runs/z-agnews
+  [dim]# that z as an ordinary LoRA or adapter delta; adapter's own solution as a LoRA[/]
+  deltacli subspace decode spaces/sst2 --to adapter --delta runs/z-agnews -o runs/z-as-adapter
+  deltacli subspace decode spaces/sst2 --to lora --point adapter -o runs/adapter-as-lora
+  deltacli subspace landscape spaces/sst2 -o spaces/sst2-landscape --grid 11
+"""
+
+subspace_app = typer.Typer(
+    help="The unified optimisation subspace shared by delta methods (Yi et al., 2022).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    epilog=SUBSPACE_EXAMPLES,
+)
+app.add_typer(subspace_app, name="subspace")
+SpaceFolder = Annotated[Path, typer.Argument(help="A folder `deltacli subspace fit` wrote.")]
+
+
+@subspace_app.command("fit", epilog=SUBSPACE_EXAMPLES)
+def subspace_fit(
+    deltas: Annotated[
+        list[Path], typer.Argument(help="Trained deltas of two or more methods (one base, task).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The subspace folder to write.")],
+    dim: Annotated[int, typer.Option(min=1, help="Dimensions of the subspace (d).")] = 4,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 500,
+    lr: Annotated[float, typer.Option(min=0, help="Adam learning rate.")] = 1e-3,
+    alpha: Annotated[
+        float, typer.Option(min=0, help="Weight of the reconstruction term ‖θ − Dec(Enc θ)‖.")
+    ] = 0.1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training examples per step.")] = 8,
+    eval_rows: Annotated[
+        int | None, typer.Option(min=1, help="Score the points on this many eval rows [all].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the weights, the mixtures and the data.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    json: Json = False,
+) -> None:
+    """Fit a d-dimensional subspace that the methods' trained deltas share.
+
+    Learns an encoder and a linear decoder per method so that every convex mix of the
+    encoded solutions, decoded as any of the methods, solves the task; then scores each
+    method's own delta beside its point in the subspace.
+    """
+    from deltacli.render import print_json, subspace_summary
+    from deltacli.subspace import fit
+
+    settings = dict(dim=dim, alpha=alpha, lr=lr, steps=steps, batch_size=batch_size, seed=seed)
+    summary = fit(deltas, output, eval_rows=eval_rows, overwrite=overwrite, console=err, **settings)
+    if json:
+        print_json(out, summary["scores"])
+    else:
+        out.print(subspace_summary(summary, str(output)))
+
+
+@subspace_app.command("decode", epilog=SUBSPACE_EXAMPLES)
+def subspace_decode(
+    space: SpaceFolder,
+    to: Annotated[str, typer.Option(help="The fitted method to decode as, e.g. lora.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The delta folder to write.")],
+    delta: Annotated[
+        Path | None, typer.Option(help="A delta trained in the subspace: its z and head.")
+    ] = None,
+    point: Annotated[
+        str | None, typer.Option(help="Or a fitted method's own solution (and head).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write a point of the subspace as an ordinary delta of one fitted method.
+
+    The result is a normal delta folder: `deltacli eval`, PEFT (for its methods) and
+    `deltacli merge` (for methods linear in the weights) read it.
+    """
+    from deltacli.subspace import decode
+
+    decode(space, to, output, delta, point, overwrite)
+    out.print(f"wrote {output}")
+
+
+@subspace_app.command("landscape", epilog=SUBSPACE_EXAMPLES)
+def subspace_landscape(
+    space: SpaceFolder,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the JSON and PNG.")],
+    through: Annotated[
+        str | None, typer.Option(help="The method whose decoder reads the plane [the first].")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Data to score on [the fitted recipe's eval].")
+    ] = None,
+    grid: Annotated[int, typer.Option(min=2, help="Points along each side of the plane.")] = 11,
+    rows: Annotated[int, typer.Option(min=1, help="Rows of the data scored per point.")] = 256,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Score the task over the plane of the subspace through the methods' solutions.
+
+    Writes landscape.json (the grid) and, with matplotlib, landscape.png: a heat map with
+    each method's solution marked.
+    """
+    from deltacli import plots
+    from deltacli.subspace import landscape
+
+    landscape(space, output, data, through, grid, rows, overwrite=overwrite, console=err)
+    out.print(f"wrote {output}")
+    if not plots.available():
+        err.print(f"[yellow]the heat map needs matplotlib: {plots.INSTALL}[/]")
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 

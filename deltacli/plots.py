@@ -1,5 +1,6 @@
-"""Figures (matplotlib, the optional `deltacli[plots]` extra): a run's loss curve, and a
-sweep's metric against the share of parameters trained (He et al.'s figure 1)."""
+"""Figures (matplotlib, the optional `deltacli[plots]` extra): a run's loss curve, a sweep's
+metric against the share of parameters trained (He et al.'s figure 1), and a task's metric
+over a plane of the unified subspace (Yi et al.'s figure 3)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,33 @@ def metric_vs_share(points: list[dict], metric: str, reference: dict | None, tar
     axes.set_xscale("log")
     axes.set(xlabel="parameters trained (% of the model, log scale)", ylabel=f"eval {metric}")
     axes.grid(alpha=0.3, which="both")
+    figure.tight_layout()
+    figure.savefig(target, dpi=120)
+    plt.close(figure)
+    return target
+
+
+def landscape(result: dict, target: Path) -> Path:
+    """The metric as a heat map over the plane's two coordinates, each method's solution a
+    labelled point (`result`: what `subspace.landscape` returns)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6, 5))
+    a, b = result["a"], result["b"]
+    image = axes.imshow(
+        [list(column) for column in zip(*result["values"], strict=True)],  # rows: b, columns: a
+        origin="lower",
+        extent=(a[0], a[-1], b[0], b[-1]),
+        aspect="auto",
+        cmap="viridis",
+    )
+    figure.colorbar(image, ax=axes, label=f"{result['metric']} ({result['rows']} examples)")
+    for name, (x, y) in result["points"].items():
+        axes.plot(x, y, marker="*", markersize=12, color="white", markeredgecolor="black")
+        axes.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), color="white")
+    axes.set(
+        xlabel="first direction", ylabel="second direction",
+        title=f"{result['metric']} through {result['through']}'s decoder",
+    )  # fmt: skip
     figure.tight_layout()
     figure.savefig(target, dpi=120)
     plt.close(figure)

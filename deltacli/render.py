@@ -324,3 +324,24 @@ def report_table(rows: list[MethodRow]) -> Table:
 
 def _spread(mean: float, std: float, percent: bool) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if percent else f"{mean:.4f} ± {std:.4f}"
+
+
+def subspace_summary(summary: dict, output: str) -> Table:
+    """Per fitted method: its size, its own delta's eval metric beside its point's in the
+    subspace, and how far the point is from the delta it encodes."""
+    metric = summary["metric"]
+    table = Table(title=f"deltacli subspace fit -> {output} (d = {summary['dim']})")
+    table.title_justify = "left"
+    point = f"{metric} at its point"
+    columns = ("method", "parameters", f"own {metric}", point, "‖θ−Dec(Enc θ)‖/‖θ‖")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for name, scores in summary["scores"].items():
+        table.add_row(
+            name,
+            f"{scores['parameters']:,}",
+            f"{scores['own'][metric]:.4f}",
+            f"{scores['point'][metric]:.4f}",
+            f"{scores['reconstruction_error']:.3f}",
+        )
+    return table

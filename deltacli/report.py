@@ -13,6 +13,7 @@ import dataclasses
 import statistics
 from pathlib import Path
 
+from deltacli.deltas.specify import FullConfig
 from deltacli.errors import DeltacliError
 from deltacli.files import read_mapping
 from deltacli.store import LOG_FILE, METRICS_FILE, RECIPE_FILE
@@ -96,7 +97,7 @@ def _read(folder: Path, metric: str | None, method: str | None, grid: dict, seed
         peak_rss_mb=metrics.get("peak_rss_mb"),
         peak_gpu_gib=metrics.get("peak_gpu_gib"),
         wall_seconds=metrics["wall_seconds"],
-        full=kinds == "full" or params["trainable"] == params["total"],
+        full=kinds == FullConfig.kind or params["trainable"] == params["total"],
     )
 
 

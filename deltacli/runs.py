@@ -25,7 +25,7 @@ from deltacli.resume import (
     write_checkpoint,
     write_random_state,
 )
-from deltacli.store import LOG_FILE, RECIPE_FILE, save_delta
+from deltacli.store import LOG_FILE, RECIPE_FILE, save_delta, write_initial
 from deltacli.trainer import Trainer
 
 TRACKERS = "trackers"  # inside a run's folder: what experiment trackers write
@@ -136,6 +136,7 @@ class RunFolder:
             else:
                 scratch = Scratch.create(output, overwrite, notice)
                 (scratch.path / RECIPE_FILE).write_text(dump_recipe(trainer.recipe), "utf-8")
+                write_initial(scratch.path, trainer.initial)
         path = broadcast_object_list([scratch.path if scratch else None])[0]
         if trainer.recipe.train.report_to:
             trainer.accelerator.project_configuration.logging_dir = str(path / TRACKERS)

@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import Progress
 
-from deltacli.build import prepare_model
+from deltacli.build import prepare_model, save_values
 from deltacli.checkpoint import Checkpoint
 from deltacli.data import batches
 from deltacli.deltas.sift import SiftConfig, increment, sift_targets
@@ -232,7 +232,7 @@ def _sparsify(base, source, output, density, by, targets, overwrite, console) ->
     recipe = _recipe(base, source, sift, bool(head))
     with atomic_dir(output, overwrite, "sparse delta", notice_on(console)) as scratch:
         sparsified = {"sparsify": {"density": density, "by": by}}
-        write_values(scratch, recipe, values, sparsified, output)
+        save_values(scratch, recipe, values, sparsified, output)
     return SparsifyReport(
         output=str(output),
         density=density,
@@ -317,24 +317,6 @@ def _recipe(base: str, source: TunedModel | TunedDelta, sift: SiftConfig, head: 
         data=DataConfig(labels=source.labels),
         deltas=[sift],
     )
-
-
-def write_values(
-    folder: Path,
-    recipe: Recipe,
-    values: dict[str, torch.Tensor],
-    metrics: dict | None,
-    home: Path | None = None,
-) -> None:
-    """A delta directory for `recipe` from its tensors by parameter name, keyed the way its
-    kinds key them (attached on the meta device), so that it loads like a trained one."""
-    _, deltas = prepare_model(recipe, meta=True)
-    keys = deltas.keys()
-    if set(keys) != set(values):
-        missing = sorted(set(keys) ^ set(values))
-        raise DeltacliError(f"the sparse delta does not fit its recipe ({missing[0]})")
-    tensors = {keys[name]: value for name, value in values.items()}
-    write_delta(folder, recipe, tensors, metrics, home=home)
 
 
 def mask_recipe(

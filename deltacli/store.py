@@ -34,6 +34,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
+INITIAL_FILE = "initial.safetensors"  # the delta before training (same keys)
 LOG_FILE = "metrics.jsonl"
 
 
@@ -82,6 +83,13 @@ def write_delta(
     (folder / CARD_FILE).write_text(model_card(recipe, metrics, peft, home), encoding="utf-8")
 
 
+def write_initial(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The delta's tensors before training, beside the trained ones."""
+    if tensors:
+        contiguous = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+        save_file(contiguous, folder / INITIAL_FILE, metadata={"format": "pt"})
+
+
 @dataclasses.dataclass
 class SavedDelta:
     """A delta directory as read: its recipe, its tensors (by file key) and its metrics."""
@@ -113,6 +121,16 @@ class SavedDelta:
                     f"but the model expects {tuple(shape)}; was it trained on another base model?"
                 )
         return {name: self.tensors[key] for name, key in keys.items()}
+
+    def initial(self) -> dict[str, torch.Tensor]:
+        """The tensors the delta started from (by file key), where its run kept them."""
+        path = self.folder / INITIAL_FILE
+        if not path.is_file():
+            raise DeltacliError(
+                f"{self.folder} holds no {INITIAL_FILE} (deltacli keeps a delta's starting "
+                "values since this version): train it again to use it here"
+            )
+        return load_file(path)
 
     def load_into(self, deltas: DeltaSet) -> None:
         """Put the saved tensors into `deltas`, attached from this very recipe."""

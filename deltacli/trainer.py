@@ -89,6 +89,7 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] = {}
         self.epoch_order = self.order.get_state()
         self.log_bytes: int | None = None
+        self.initial: dict[str, torch.Tensor] = {}  # the delta as it starts (a fresh run)
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
@@ -96,6 +97,7 @@ class Trainer:
             unwrapped = self.accelerator.unwrap_model(self.model)
             self.deltas.calibrate(unwrapped, self.train_batches, self.accelerator)
             self.epoch_order = self.order.get_state()
+            self.initial = self.deltas.export_initial()
         self._announce(checkpoint)
 
     def _setup_optimisation(self) -> None:

@@ -14,11 +14,19 @@ PACKAGE = Path(deltacli.__file__).parent
 
 def spellings(path: Path) -> list[tuple[int, str]]:
     """(line, text) of every string constant in the module, f-string pieces included, but
-    for the keys of records (`{"prompt": ...}`, `row["prompt"]`): field names of data, which
-    may share a word with a kind."""
+    for the keys of records (`{"prompt": ...}`, `row["prompt"]`) and the names of commands
+    (`add_typer(app, name="subspace")`): field names of data and words of the command line,
+    which may share a word with a kind."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     keys = {id(k) for node in ast.walk(tree) if isinstance(node, ast.Dict) for k in node.keys}
     keys |= {id(node.slice) for node in ast.walk(tree) if isinstance(node, ast.Subscript)}
+    keys |= {
+        id(word.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        for word in node.keywords
+        if word.arg == "name"
+    }
     return [
         (node.lineno, node.value)
         for node in ast.walk(tree)

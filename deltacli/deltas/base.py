@@ -53,6 +53,7 @@ class Delta(ABC):
     mergeable: ClassVar[bool] = False  # linear in the base weights, so `merge` can fold it in
     needs_base: ClassVar[bool] = True  # its increments depend on the base weight existing
     shardable: ClassVar[bool] = True  # trains on FSDP's shards (does not write into W)
+    initial_from_base: ClassVar[bool] = False  # starts from the base's own values
 
     def __init__(self, config: DeltaConfig) -> None:
         self.config = config
@@ -261,6 +262,17 @@ class DeltaSet:
                 configs.append(config)
             tensors.update({self._key(delta, name): value for name, value in values.items()})
         return configs, tensors
+
+    def export_initial(self) -> dict[str, torch.Tensor]:
+        """The saved tensors as they start, under their file keys: what a run keeps beside
+        its delta, so its change `trained - initial` is known exactly later (the unified
+        subspace). Kinds that start from the base's own values need not keep them."""
+        tensors = {}
+        for delta in self.members:
+            if not delta.initial_from_base:
+                _, values = delta.export()
+                tensors |= {self._key(delta, name): value for name, value in values.items()}
+        return tensors
 
     def keys(self) -> dict[str, str]:
         """Saved tensor name -> key in `adapter_model.safetensors` (for loading)."""

@@ -92,7 +92,7 @@ class _Site:
     module: nn.Module
     count: int
     ready: bool = False
-    synced: int = -1
+    synced: int = -1  # the version of the increment last written (-1: write at the next pass)
 
 
 @register
@@ -148,13 +148,17 @@ class Sift(Delta):
     def _sync(self, name: str, module: nn.Module, args: tuple) -> None:
         """Write base + increment into W at the chosen indices when the increment changed."""
         site = self.sites[name]
-        if not site.ready or module.sift_values._version == site.synced:
+        values = module.sift_values
+        # An increment computed anew each pass (a subspace's parametrization, or one that
+        # `torch.func.functional_call` substitutes) is always written.
+        standing = isinstance(values, nn.Parameter)
+        if not site.ready or (standing and values._version == site.synced):
             return
         with torch.no_grad():
             flat = module.weight.view(-1)
-            base = module.sift_base.to(module.sift_values.dtype)
-            flat[module.sift_indices] = (base + module.sift_values).to(flat.dtype)
-        site.synced = module.sift_values._version
+            base = module.sift_base.to(values.dtype)
+            flat[module.sift_indices] = (base + values).to(flat.dtype)
+        site.synced = values._version if standing else -1
 
     def _tap(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor):
         if not (self.sites[name].ready and torch.is_grad_enabled()):

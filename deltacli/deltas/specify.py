@@ -73,6 +73,7 @@ class Specify(Delta):
 
     config: SpecifyConfig
     mergeable = True
+    initial_from_base = True
     needs_base = False  # a trained value replaces the weight, present in the base or not
 
     @abstractmethod
