@@ -53,13 +53,16 @@ FRACTION = Range(0, 1, high_open=True)  # [0, 1)
 DENSITY = Range(0, 1, low_open=True)  # (0, 1]
 
 
-def option(default: Any, help: str, within: Range | None = None) -> Any:
+def option(default: Any, help: str, within: Range | None = None, kw_only: bool = False) -> Any:
     """A dataclass field with a default, the one line of help `deltacli recipes` shows, and
-    optionally the range its number must lie in (checked by `check_ranges`)."""
+    optionally the range its number must lie in (checked by `check_ranges`). `kw_only`: a
+    base class's field that its subclasses' own fields may precede."""
     metadata = {"help": help, "within": within}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+        return dataclasses.field(
+            default_factory=lambda: copy.deepcopy(default), metadata=metadata, kw_only=kw_only
+        )
+    return dataclasses.field(default=default, metadata=metadata, kw_only=kw_only)
 
 
 def check_ranges(obj: Any, path: str) -> None:

@@ -102,15 +102,9 @@ class Trainer:
 
     def _setup_optimisation(self) -> None:
         config = self.recipe.train
-        params = self.deltas.parameters()
-        matrices = [name for name, p in params.items() if p.ndim >= 2]
-        vectors = [name for name, p in params.items() if p.ndim < 2]
-        self.param_names = matrices + vectors  # the optimizer's own order (its state's keys)
-        groups = [
-            {"params": [params[n] for n in matrices], "weight_decay": config.weight_decay},
-            {"params": [params[n] for n in vectors], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+        groups = self._parameter_groups()
+        self.param_names = [name for group in groups for name in group.pop("names")]
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
         collate = self.task.collate(self.tokenizer, self.data.train)
         train_batches = batches(self.data.train, collate, config.batch_size, True, config.seed)
         self.order = train_batches.generator  # draws each epoch's order: a checkpoint keeps it
@@ -129,6 +123,29 @@ class Trainer:
             optimizer, round(config.warmup_ratio * self.total_steps), self.total_steps
         )
         self.params = list(params.values())
+
+    def _parameter_groups(self) -> list[dict]:
+        """AdamW's groups: weight decay on matrices only, and each delta's own `lr` where it
+        sets one (the head and the rest: train.lr). Their order, and the names in it, are the
+        optimizer state's keys in a checkpoint."""
+        config = self.recipe.train
+        rate = {}
+        for delta in self.deltas.members:
+            for name in delta.params:
+                rate.setdefault(name, delta.config.lr or config.lr)
+        params = self.deltas.parameters()
+        groups: dict[tuple[bool, float], dict] = {}
+        for matrix in (True, False):
+            for name, param in params.items():
+                if (param.ndim >= 2) == matrix:
+                    decay = config.weight_decay if matrix else 0.0
+                    group = groups.setdefault(
+                        (matrix, rate[name]),
+                        {"params": [], "names": [], "lr": rate[name], "weight_decay": decay},
+                    )
+                    group["params"].append(param)
+                    group["names"].append(name)
+        return list(groups.values())
 
     @property
     def sharded(self) -> bool:

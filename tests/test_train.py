@@ -193,3 +193,23 @@ def test_training_is_reproducible_with_a_seed(tiny_bert, sentiment, tmp_path):
     assert torch.equal(
         torch.tensor(logged_losses(tmp_path / "a")), torch.tensor(logged_losses(tmp_path / "b"))
     )
+
+
+def test_a_delta_s_own_lr_overrides_train_lr(tiny_bert, sentiment, tmp_path):
+    """MAM's prefix and adapter want learning rates 10× apart: each delta may set its own."""
+    from transformers import AutoModelForSequenceClassification
+
+    from deltacli.store import read_delta
+
+    still = {"kind": "lora", "r": 2, "lr": 1e-12}
+    train(tiny_recipe(tiny_bert, sentiment, still, {"kind": "bitfit"}, epochs=1), tmp_path / "r")
+    tensors = read_delta(tmp_path / "r").tensors
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert).state_dict()
+    lora_b = [value for key, value in tensors.items() if "lora_B" in key]
+    assert lora_b and max(float(b.abs().max()) for b in lora_b) < 1e-9  # starts at zero
+    moved = [
+        float((value - base[key.removeprefix("base_model.model.")]).abs().max())
+        for key, value in tensors.items()
+        if key.endswith("attention.self.query.bias")
+    ]
+    assert moved and min(moved) > 1e-3

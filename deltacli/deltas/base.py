@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from deltacli.errors import DeltacliError, did_you_mean
 from deltacli.precision import trainable_dtype
-from deltacli.schema import check_ranges
+from deltacli.schema import POSITIVE, check_ranges, option
 
 Increment = Callable[[torch.Tensor], torch.Tensor]
 
@@ -34,6 +34,12 @@ class DeltaConfig:
     """Hyper-parameters of one delta, exactly as a recipe's `deltas:` item spells them."""
 
     kind: ClassVar[str]
+    lr: float | None = option(
+        None,
+        "this delta's own peak learning rate (null: train.lr); composed deltas differ (MAM)",
+        POSITIVE,
+        kw_only=True,
+    )
 
     def __post_init__(self) -> None:
         check_ranges(self, f"{self.kind} ")
