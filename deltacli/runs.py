@@ -174,10 +174,17 @@ class RunFolder:
     def resume_hint(self) -> str:
         return f"deltacli train --resume {self.target or '<output>'}"
 
+    def close_trackers(self) -> None:
+        """Finish the experiment trackers, and only them: `Accelerator.end_training` also
+        destroys the process group that the closing barrier of `finish` still needs."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
+
     def finish(self, trainer: Trainer, metrics: dict) -> None:
         """Write the delta, drop the checkpoints, and rename the folder into place (every
         process gathers its share of a sharded delta; the main one writes)."""
-        self.accelerator.end_training()  # trackers close their files before the rename
+        self.close_trackers()  # they close their files before the rename
         base = resolve(trainer.recipe.model)
         if self.scratch is None:
             save_delta(None, trainer.deltas, trainer.recipe, base, metrics)
@@ -205,6 +212,6 @@ class RunFolder:
 
     def abandon(self) -> None:
         """After a failure: keep the folder if a checkpoint can resume it, else remove it."""
-        self.accelerator.end_training()
+        self.close_trackers()
         if self.scratch is not None and not has_checkpoint(self.path):
             self.scratch.discard()
