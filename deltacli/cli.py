@@ -320,7 +320,7 @@ def merge(
         [Path(d) for d in deltas],
         Path(output),
         dtype=dtype,
-        weights=_floats(weights) if weights else None,
+        weights=_numbers(weights, "--weights", float) if weights else None,
         verify=verify,
         overwrite=overwrite,
         console=err,
@@ -331,13 +331,13 @@ def merge(
         out.print(merge_summary(report))
 
 
-def _floats(text: str) -> list[float]:
+def _numbers(text: str, option: str, kind: type[int] | type[float]) -> list:
+    """A comma-separated option as numbers, or the one line that says which option is wrong."""
     try:
-        return [float(part) for part in text.split(",")]
+        return [kind(part) for part in text.split(",")]
     except ValueError:
-        raise DeltacliError(
-            f"--weights must be numbers separated by commas, got {text!r}"
-        ) from None
+        what = "integers" if kind is int else "numbers"
+        raise DeltacliError(f"{option} must be {what} separated by commas, got {text!r}") from None
 
 
 SPARSIFY_EXAMPLES = """
@@ -484,7 +484,7 @@ def sweep(
 
     sources = [*(methods.split(",") if methods else []), *map(str, recipes or [])]
     axes = [Axis.parse(text) for text in grid or []]
-    seed_list = _integers(seeds, "--seeds")
+    seed_list = _numbers(seeds, "--seeds", int)
     settings: dict[str, str | None] = {"model": model} if model else {}
     if data:
         settings |= {"data.train": data, "data.eval": eval_data}
@@ -504,15 +504,6 @@ def sweep(
     err.print("sweep: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
     rows = summarize(collect([output]))
     print_json(out, rows) if json else out.print(report_table(rows))
-
-
-def _integers(text: str, option: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise DeltacliError(
-            f"{option} must be integers separated by commas, got {text!r}"
-        ) from None
 
 
 REPORT_EXAMPLES = """

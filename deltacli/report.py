@@ -93,7 +93,8 @@ def _read(folder: Path, metric: str | None, method: str | None, grid: dict, seed
         lr=recipe["train"]["lr"],
         trainable=params["trainable"],
         share=params["trainable_percent"],
-        samples_per_second=metrics["train"]["samples_per_second"],
+        # From the counts, not the stored rate, which runs saved before 2026-11-28 understated.
+        samples_per_second=metrics["train"]["samples"] / max(metrics["train"]["seconds"], 1e-9),
         peak_rss_mb=metrics.get("peak_rss_mb"),
         peak_gpu_gib=metrics.get("peak_gpu_gib"),
         wall_seconds=metrics["wall_seconds"],

@@ -427,7 +427,7 @@ class Throughput:
 
     def __init__(self) -> None:
         self.samples, self.seconds, self.loss = 0, 0.0, math.nan
-        self._since = time.perf_counter()
+        self._since: float | None = time.perf_counter()  # None while paused
 
     def state(self) -> dict:
         return {"samples": self.samples, "seconds": self.seconds, "loss": self.loss}
@@ -441,11 +441,14 @@ class Throughput:
 
     @property
     def rate(self) -> float:
-        elapsed = self.seconds + time.perf_counter() - self._since
+        running = 0.0 if self._since is None else time.perf_counter() - self._since
+        elapsed = self.seconds + running
         return self.samples / elapsed if elapsed > 0 else 0.0
 
     def pause(self) -> None:
-        self.seconds += time.perf_counter() - self._since
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
 
     def resume(self) -> None:
         self._since = time.perf_counter()

@@ -7,9 +7,11 @@ One factory makes every tiny model (`tiny_config` / `tiny_model`), one builder e
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -244,3 +246,12 @@ def launcher(processes: int = 2) -> list[str]:
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(port),
     ]  # fmt: skip
+
+
+def run_offline(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A deltacli command in its own process, offline and on one thread (two processes on two
+    cores, each with every core's threads, run several times slower)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -3,9 +3,7 @@ delta, bit for bit, with the same losses and eval scores at every step as a run 
 never stopped (one process, and two under gloo)."""
 
 import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from safetensors.torch import load_file
 
 from deltacli.outputs import MARKER
 from deltacli.store import WEIGHTS_FILE
-from helpers import ACCELERATE, launcher
+from helpers import ACCELERATE, launcher, run_offline
 
 # Runs the CLI, first making the process stop itself right after the training log records
 # step K: `kill` sends SIGKILL (nothing can run after it), `int` SIGINT (Ctrl-C).
@@ -49,11 +47,6 @@ def args(tiny_bert, sentiment, output, *extra) -> list[str]:
     ]  # fmt: skip
 
 
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 def deltacli(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "deltacli", *arguments]
 
@@ -82,7 +75,7 @@ def assert_same(resumed: Path, uninterrupted: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_bert, sentiment) -> Path:
     folder = tmp_path_factory.mktemp("uninterrupted")
-    done = run(deltacli(*args(tiny_bert, sentiment, "out")), folder)
+    done = run_offline(deltacli(*args(tiny_bert, sentiment, "out")), folder)
     assert done.returncode == 0, done.stderr[-2000:]
     return folder / "out"
 
@@ -93,14 +86,14 @@ def test_a_stopped_run_resumes_to_the_same_delta(
 ):
     script = tmp_path / "stopping.py"
     script.write_text(STOPPING)
-    stopped = run(stopping(script, how, step, *args(tiny_bert, sentiment, "out")), tmp_path)
+    stopped = run_offline(stopping(script, how, step, *args(tiny_bert, sentiment, "out")), tmp_path)
     assert stopped.returncode == code, stopped.stderr[-2000:]
     assert not (tmp_path / "out").exists()  # nothing that looks complete
     if how == "int":  # one line: where the checkpoint is, and how to continue
         (line,) = stopped.stderr.strip().splitlines()[-1:]
         assert line.startswith("interrupted: stopped at step 10 of 16; checkpoint saved in ")
         assert line.endswith("continue with: deltacli train --resume out")
-    resumed = run(deltacli("train", "--resume", "out"), tmp_path)
+    resumed = run_offline(deltacli("train", "--resume", "out"), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
     assert_same(tmp_path / "out", uninterrupted)
@@ -128,14 +121,14 @@ def test_two_processes_resume_to_the_same_delta_after_kill_9(tmp_path, tiny_bert
     two = [*args(tiny_bert, sentiment, "out"), "train.batch_size=8"]
     reference = tmp_path / "reference"
     reference.mkdir()
-    done = run([*launcher(), "-m", "deltacli", *two], reference)
+    done = run_offline([*launcher(), "-m", "deltacli", *two], reference)
     assert done.returncode == 0, done.stderr[-2000:]
 
     script = tmp_path / "stopping.py"
     script.write_text(STOPPING)
-    killed = run([*launcher(), str(script), "kill", "5", *two], tmp_path)
+    killed = run_offline([*launcher(), str(script), "kill", "5", *two], tmp_path)
     assert killed.returncode != 0
-    resumed = run([*launcher(), "-m", "deltacli", "train", "--resume", "out"], tmp_path)
+    resumed = run_offline([*launcher(), "-m", "deltacli", "train", "--resume", "out"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same(tmp_path / "out", reference / "out")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -145,6 +138,6 @@ def test_two_processes_resume_to_the_same_delta_after_kill_9(tmp_path, tiny_bert
 def test_sigterm_stops_with_a_checkpoint_and_exit_143(tmp_path, tiny_bert, sentiment):
     script = tmp_path / "stopping.py"
     script.write_text(STOPPING.replace("signal.SIGINT", "signal.SIGTERM"))
-    stopped = run(stopping(script, "term", 4, *args(tiny_bert, sentiment, "out")), tmp_path)
+    stopped = run_offline(stopping(script, "term", 4, *args(tiny_bert, sentiment, "out")), tmp_path)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert "checkpoint saved in" in stopped.stderr and "--resume out" in stopped.stderr

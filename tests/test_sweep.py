@@ -3,9 +3,7 @@ survives a kill without redoing finished runs, and is summarised (mean ± std ov
 figures); trackers get the training log."""
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 
 from deltacli.outputs import MARKER
 from deltacli.sweep import PLAN_FILE
+from helpers import run_offline
 
 # The CLI, killed (SIGKILL) once the training log of its `K`-th run records step 2.
 KILLING = """
@@ -45,18 +44,13 @@ def sweep_args(tiny_bert, sentiment, folder: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_bert, sentiment) -> tuple[Path, dict[str, float], str]:
     """The 2 × 2 × 2 sweep, killed inside its third run and started again."""
     folder = tmp_path_factory.mktemp("sweep")
     script = folder / "killing.py"
     script.write_text(KILLING)
-    killed = run(
+    killed = run_offline(
         [sys.executable, str(script), "3", *sweep_args(tiny_bert, sentiment, folder / "s")], folder
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -66,7 +60,7 @@ def swept(tmp_path_factory, tiny_bert, sentiment) -> tuple[Path, dict[str, float
         if (p / MARKER).is_file()
     }
     assert len(finished) == 2
-    again = run(
+    again = run_offline(
         [sys.executable, "-m", "deltacli", *sweep_args(tiny_bert, sentiment, folder / "s")], folder
     )
     assert again.returncode == 0, again.stderr[-2000:]

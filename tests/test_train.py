@@ -6,13 +6,14 @@ import pytest
 import torch
 import yaml
 
+from deltacli import trainer as trainer_module
 from deltacli.data import load_table
 from deltacli.errors import DeltacliError
 from deltacli.evaluate import evaluate, score_delta
 from deltacli.logs import MetricsLog
 from deltacli.runs import train
 from deltacli.store import LOG_FILE, METRICS_FILE, RECIPE_FILE
-from deltacli.trainer import Trainer
+from deltacli.trainer import Throughput, Trainer
 from helpers import tiny_recipe
 
 METHODS = {
@@ -213,3 +214,19 @@ def test_a_delta_s_own_lr_overrides_train_lr(tiny_bert, sentiment, tmp_path):
         if key.endswith("attention.self.query.bias")
     ]
     assert moved and min(moved) > 1e-3
+
+
+def test_throughput_counts_no_time_while_paused(monkeypatch):
+    """Evaluation and saving happen while the meter is paused; the rate read after the last
+    pause (the one metrics.json records) must count training time only."""
+    now = [0.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: now[0])
+    meter = Throughput()
+    meter.add(50, 1.0)
+    now[0] = 10.0
+    meter.pause()
+    now[0] = 100.0  # evaluating, saving
+    assert meter.rate == pytest.approx(5.0)
+    meter.resume()
+    now[0] = 110.0
+    assert meter.rate == pytest.approx(2.5)
