@@ -9,19 +9,12 @@ from pathlib import Path
 
 from deltacli import __version__
 from deltacli.recipe import Recipe
+from deltacli.render import METRIC_NAMES
 from deltacli.schema import to_dict
 
 CARD_FILE = "README.md"
-# Metrics a card's history table shows, in order, with their exact names.
-_COLUMNS = {
-    "loss": "loss",
-    "accuracy": "accuracy",
-    "f1": "F1 (positive class: {positive_class})",
-    "macro_f1": "macro-F1",
-    "weighted_f1": "weighted F1",
-    "mcc": "Matthews corr.",
-    "perplexity": "perplexity",
-}
+# Metrics a card's history table shows, in order, with the exact names every table uses.
+_COLUMNS = {"loss": "loss", **METRIC_NAMES}
 
 
 def model_card(recipe: Recipe, metrics: dict | None, peft: dict | None, home: Path | None) -> str:
