@@ -75,13 +75,31 @@ def check_files(folder: Path) -> None:
         ShardReader(folder / file).close()
 
 
+def _check_shard_name(folder: Path, file: object) -> None:
+    """A shard is a plain file name inside the model folder: `merge` writes its output shard
+    under the same name, so a path (`../x`, `/etc/x`) would read or write outside both."""
+    if (
+        not isinstance(file, str)
+        or not file
+        or file in (".", "..")
+        or Path(file).name != file
+        or "\\" in file
+    ):
+        raise DeltacliError(
+            f"{folder / INDEX_FILE} names shard {file!r}, which is not a plain file name in "
+            "the model folder; refusing to read or write outside it"
+        )
+
+
 def _index(folder: Path) -> dict | None:
     if (folder / INDEX_FILE).is_file():
         try:
             index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
-            index["weight_map"].values()
+            files = set(index["weight_map"].values())
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise DeltacliError(f"{folder / INDEX_FILE} is not a shard index ({error})") from None
+        for file in files:
+            _check_shard_name(folder, file)
         return index
     if (folder / "model.safetensors").is_file():
         return None

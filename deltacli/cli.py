@@ -256,9 +256,9 @@ def recipes(
     from deltacli.recipe import recipe_file, shipped_recipes
 
     if name:
-        out.print(
-            recipe_file(name, None).read_text(encoding="utf-8"), markup=False, highlight=False
-        )
+        # Raw, never through rich: `deltacli recipes lora > my.yaml` must be valid YAML, and
+        # rich wraps long lines at 80 columns when stdout is not a terminal.
+        sys.stdout.write(recipe_file(name, None).read_text(encoding="utf-8"))
         return
     table = Table(title="shipped recipes (deltacli train --method NAME)", title_justify="left")
     table.add_column("name", style="bold")
@@ -535,8 +535,9 @@ def report(
     of parameters trained, best lr, speed, memory; plus the accuracy-vs-parameters figure."""
     from deltacli import plots as figures_module
     from deltacli.render import print_json, report_table
-    from deltacli.report import collect, figures, summarize, write_csv
+    from deltacli.report import check_destinations, collect, figures, summarize, write_csv
 
+    check_destinations(csv, plots)
     results = collect(paths, metric)
     rows = summarize(results)
     print_json(out, rows) if json else out.print(report_table(rows))
@@ -672,6 +673,7 @@ def main() -> None:
     from deltacli.interrupts import Stopped, raise_on_stop_signals
 
     raise_on_stop_signals()
+    quiet_libraries()
     debug = os.environ.get("DELTACLI_DEBUG") == "1"
     try:
         app(standalone_mode=False)
@@ -696,6 +698,17 @@ def main() -> None:
         if debug or error.errno not in _USER_OS_ERRORS:
             raise
         _fail("error", f"{error.strerror}: {error.filename or ''}".rstrip(": "), 2)
+
+
+def quiet_libraries() -> None:
+    """Libraries' own log lines are not deltacli's output: bitsandbytes warns on import about
+    an optional CPU kernel deltacli never uses (see `models.keep_training_layout`), and
+    datasets may log before deltacli's own one-line error."""
+    import logging
+
+    os.environ.setdefault("HF_DATASETS_VERBOSITY", "error")
+    for name in ("bitsandbytes", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # Operating-system errors that are the machine's state, not deltacli's bug: a full or

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import importlib.resources
 import json
 from collections.abc import Callable
@@ -129,6 +130,21 @@ class Encoded:
     truncated: int
 
 
+def data_fingerprint(table: datasets.Dataset) -> str:
+    """A digest of a tokenised table's rows in order (Arrow IPC bytes): a resumed run checks
+    that it trains on what the checkpoint saw (a row added or a label flipped changes it)."""
+    import pyarrow as pa
+
+    digest = hashlib.sha256()
+    for batch in table.with_format("arrow").iter(batch_size=4096):
+        batch = batch.replace_schema_metadata(None)  # datasets' own cache fingerprint
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_table(batch)
+        digest.update(sink.getvalue().to_pybytes())
+    return digest.hexdigest()
+
+
 @dataclasses.dataclass
 class TaskData:
     """Tokenised train and eval sets, and the label values in id order (classification)."""
@@ -167,7 +183,17 @@ def prepare_classes(
     them, the same mapping for the eval set."""
     train = _with_columns(train, config, config.train)
     evaluation = _with_columns(evaluation, config, config.eval or config.train)
-    labels = config.labels or label_values(train, config.label)
+    try:
+        labels = config.labels or label_values(train, config.label)
+    except DeltacliError as error:
+        if config.eval or "fewer than two" not in str(error):
+            raise
+        raise DeltacliError(
+            f"{config.train} has too few rows to hold out data.eval_fraction="
+            f"{config.eval_fraction} for evaluation ({len(evaluation)} held out, "
+            f"{len(train)} left with fewer than two distinct labels); give --eval-data, or "
+            "more rows"
+        ) from None
     encoded = [
         encode(table, tokenizer, config, labels, source)
         for table, source in ((train, config.train), (evaluation, config.eval or config.train))
@@ -255,8 +281,8 @@ def encode(
 
     def tokenize(batch: dict) -> dict:
         nonlocal truncated
-        texts = [t or "" for t in batch[config.text]]
-        pairs = [t or "" for t in batch[config.text_pair]] if config.text_pair else None
+        texts = [_as_text(t) for t in batch[config.text]]
+        pairs = [_as_text(t) for t in batch[config.text_pair]] if config.text_pair else None
         encoded = tokenizer(texts, pairs, truncation=True, max_length=config.max_length)
         truncated += _cut(tokenizer, encoded, texts, pairs, config.max_length)
         encoded["labels"] = [label_id(v) for v in batch[config.label]]
@@ -266,6 +292,12 @@ def encode(
         tokenize, batched=True, remove_columns=table.column_names, keep_in_memory=True
     )
     return Encoded(encoded, truncated)
+
+
+def _as_text(value: object) -> str:
+    """A cell of a text column as text: a column of digits is read as numbers, an empty
+    cell as None."""
+    return "" if value is None else str(value)
 
 
 def _cut(tokenizer, encoded, texts: list[str], pairs: list[str] | None, limit: int) -> int:

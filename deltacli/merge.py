@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from deltacli.checkpoint import INDEX_FILE, Checkpoint
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
 from deltacli.models import load_config, local_dir
-from deltacli.outputs import atomic_dir, check_output, notice_on
+from deltacli.outputs import atomic_dir, check_apart, check_output, notice_on
 from deltacli.shards import ShardWriter, TensorInfo
 from deltacli.store import SavedDelta, read_delta, write_json
 from deltacli.verify import verify_merge
@@ -79,12 +80,15 @@ def merge(
     weights = weights or [1.0] * len(deltas)
     if len(weights) != len(deltas):
         raise DeltacliError(f"{len(weights)} weights given for {len(deltas)} deltas")
+    if not all(math.isfinite(w) for w in weights):
+        raise DeltacliError(f"--weights must be finite numbers, got {weights}")
     if verify and any(w != 1.0 for w in weights):
         raise DeltacliError(
             "--verify compares with the deltas attached live, which has no weights; "
             "drop --weights or --verify"
         )
     check_output(output, overwrite)
+    check_apart(output, [("base model", base), *(("delta", d) for d in deltas)])
     base_dir = local_dir(base)
     if getattr(load_config(str(base_dir)), "quantization_config", None):
         raise DeltacliError(

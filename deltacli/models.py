@@ -17,7 +17,7 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer
 
-from deltacli.architectures import HEADS
+from deltacli.architectures import HEADS, LM_HEADS
 from deltacli.checkpoint import check_files
 from deltacli.errors import DeltacliError
 from deltacli.precision import base_dtype
@@ -92,15 +92,34 @@ def local_dir(spec: str) -> Path:
 
 def _from_hub(loader, spec: str, **kwargs):
     """Call a `from_pretrained`, turning 'not found / offline' into one clear line. A GGUF
-    file loads from its folder with `gguf_file` (transformers dequantises it)."""
+    file loads from its folder with `gguf_file` (transformers dequantises it). A model's own
+    Python (`auto_map`) never runs: transformers would otherwise ask in a terminal, and a
+    `y` would execute whatever the folder holds."""
+    kwargs["trust_remote_code"] = False
     resolved = Path(resolve(spec))
     if resolved.suffix == ".gguf":
         kwargs["gguf_file"] = resolved.name
         resolved = resolved.parent
     try:
         return loader(str(resolved), **kwargs)
-    except (OSError, ValueError, KeyError, SafetensorError) as error:
+    except Exception as error:
+        if "gguf_file" in kwargs and isinstance(error, ImportError):
+            raise DeltacliError(
+                f"reading {spec} needs the gguf package: pip install 'deltacli[instruct]'"
+            ) from None
+        if "gguf_file" in kwargs:  # the GGUF reader fails in many ways on a damaged file
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise DeltacliError(
+                f"cannot read GGUF file {spec} ({reason}): is it cut short or damaged?"
+            ) from None
+        if not isinstance(error, OSError | ValueError | KeyError | SafetensorError):
+            raise
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if "trust_remote_code" in str(error):
+            raise DeltacliError(
+                f"cannot load model {spec!r}: it needs its own Python code (auto_map), which "
+                "deltacli never runs; use a model that transformers supports natively"
+            ) from None
         if resolved.exists():  # a local model that transformers cannot read
             raise DeltacliError(f"cannot load model {spec!r}: {reason}") from None
         raise DeltacliError(
@@ -175,7 +194,24 @@ def load_model(
     if quantize:
         options |= quantization(quantize, device)
     model_class = task_entry(task).model_class
-    return _from_hub(model_class.from_pretrained, spec, config=config, **options)
+    model = _from_hub(model_class.from_pretrained, spec, config=config, **options)
+    if quantize:
+        keep_training_layout(model)
+    return model
+
+
+def keep_training_layout(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit weights in the one layout that trains, on every CPU.
+
+    On a CPU with AVX-512-BF16, `Linear4bit` repacks its weight for an inference kernel the
+    first time it runs in eval mode without grad (`support_avx512bf16_for_cpu`): for good,
+    in place, and only for layers whose widths fit the kernel's blocks. deltacli evaluates
+    between training steps, so the repacked weight would then have to train (it cannot),
+    and a narrow layer fails outright. With the flag off, every CPU takes the same
+    dequantise-and-matmul path that training uses."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def checkpoint_dtype(config: transformers.PretrainedConfig) -> torch.dtype | None:
@@ -195,15 +231,19 @@ def quantization(kind: str, device: torch.device | None) -> dict:
         )
     from transformers import BitsAndBytesConfig
 
+    # The task head trains (or is tied to the embeddings): it stays in full precision, as
+    # transformers leaves `lm_head`; a quantised `classifier` could not be trained at all.
+    skip = [*HEADS, *LM_HEADS]
     if kind == "nf4":
         config = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=skip,
         )
     else:
-        config = BitsAndBytesConfig(load_in_8bit=True)
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return {"quantization_config": config, "device_map": {"": str(device or "cpu")}}
 
 
@@ -213,9 +253,29 @@ def build_on_meta(
     """The model's module tree on the meta device: every shape, no weight read or allocated
     (`auto` counts the checkpoint's own dtype, as a GPU would load it)."""
     config = load_config(spec, labels)
+    _check_layer_count(spec, config)
     stored = base_dtype(dtype, checkpoint_dtype(config), gpu=True)
-    with torch.device("meta"):
-        return task_entry(task).model_class.from_config(config, dtype=stored)
+    try:
+        with torch.device("meta"):
+            return task_entry(task).model_class.from_config(config, dtype=stored)
+    except (ValueError, TypeError, AttributeError, RuntimeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DeltacliError(f"cannot build a model from {spec}'s config: {reason}") from None
+
+
+# Far above any published model (the deepest have a few hundred): a config past it is a typo
+# or a probe, and building its module tree would take minutes.
+MAX_LAYERS = 2048
+
+
+def _check_layer_count(spec: str, config: transformers.PretrainedConfig) -> None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers"):
+        count = getattr(config, key, None)
+        if isinstance(count, int) and count > MAX_LAYERS:
+            raise DeltacliError(
+                f"{spec} has {key}={count:,}; deltacli builds models of up to {MAX_LAYERS:,} "
+                "layers (is the config right?)"
+            )
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:

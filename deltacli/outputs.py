@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -39,7 +40,13 @@ def notice_on(console: Console | None) -> Callable[[str], None]:
 
 def check_output(target: Path, overwrite: bool) -> None:
     """Fail before any work if `target` may not be written: it exists and `--overwrite` was
-    not given or it is not deltacli's, it is a file, or its file system refuses writes."""
+    not given or it is not deltacli's, it is a file, a broken link, or its file system
+    refuses writes."""
+    if target.is_symlink() and not target.exists():
+        raise DeltacliError(
+            f"output {target} is a symbolic link that leads nowhere (a missing target or a "
+            "loop); remove it or choose another path"
+        )
     if target.exists() and not target.is_dir():
         raise DeltacliError(f"output {target} is a file, not a directory; choose another path")
     if target.exists() and not overwrite:
@@ -56,6 +63,22 @@ def check_output(target: Path, overwrite: bool) -> None:
         raise DeltacliError(f"cannot write {target}: {parent} is read-only")
 
 
+def check_apart(target: Path, inputs: list[tuple[str, Path | str]]) -> None:
+    """Refuse an output that is, or holds, one of the command's inputs (by role: "base
+    model", "delta"): replacing it would delete what the command reads."""
+    out = target.resolve()
+    for role, source in inputs:
+        path = Path(source)
+        if not path.exists():
+            continue  # a hub id or `default`: nothing of the user's on disk there
+        path = path.resolve()
+        if out == path or out in path.parents:
+            raise DeltacliError(
+                f"output {target} would overlap the {role} {source}, which this command "
+                "reads; choose another output path"
+            )
+
+
 def _existing_ancestor(path: Path) -> Path:
     path = path.absolute()
     while not path.exists() and path != path.parent:
@@ -69,6 +92,7 @@ class Scratch:
 
     target: Path
     path: Path
+    overwrite: bool = False  # whether `target` may be replaced when this one is whole
 
     @classmethod
     def create(cls, target: Path, overwrite: bool, notice: Callable[[str], None]) -> Scratch:
@@ -77,33 +101,55 @@ class Scratch:
         remove_stale(target, notice)
         path = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         path.mkdir()
-        return cls(target, path)
+        return cls(target, path, overwrite)
 
     @classmethod
-    def adopt(cls, target: Path, path: Path) -> Scratch:
+    def adopt(cls, target: Path, path: Path, overwrite: bool) -> Scratch:
         """Take over an earlier run's scratch folder (to resume it): it is renamed to carry
         this process's PID, so no other run takes it for stale."""
         tag = path.name.rsplit("-", 1)[-1]
         mine = path.with_name(f".{target.name}.tmp-{os.getpid()}-{tag}")
         if mine != path:
             path.rename(mine)
-        return cls(target, mine)
+        return cls(target, mine, overwrite)
 
     def publish(self, what: str) -> None:
         """Mark the folder as deltacli's and rename it into place, replacing an old `target`
-        only now that the new one is whole."""
+        only now that the new one is whole, and only if that was allowed: another command
+        may have written `target` while this one ran."""
         (self.path / MARKER).write_text(json.dumps({"written_by": "deltacli", "what": what}))
         _default_permissions(self.path)
-        if self.target.exists():
+        if self.target.is_symlink() or self.target.exists():
+            if not self.overwrite or not (self.target / MARKER).is_file():
+                self._set_aside(f"{self.target} was written by another command meanwhile")
             old = self.path.with_name(self.path.name.replace(".tmp-", ".old-", 1))
             self.target.rename(old)
             self.path.rename(self.target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.path.rename(self.target)
+            _remove(old)
+            return
+        try:
+            self.path.rename(self.target)  # fails if another command made it just now
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+            self._set_aside(f"{self.target} was written by another command meanwhile")
+
+    def _set_aside(self, why: str) -> None:
+        """Keep the finished result under a visible name of its own, and say where."""
+        kept = self.target.with_name(f"{self.target.name}-{self.path.name.rsplit('-', 1)[-1]}")
+        self.path.rename(kept)
+        raise DeltacliError(f"{why}; this result was saved to {kept} instead, nothing replaced")
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Remove a replaced output: the link itself where it was a symlink (never its target)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -149,6 +195,8 @@ def owner_alive(folder: Path) -> bool:
 
 
 def has_checkpoint(folder: Path) -> bool:
+    if folder.is_symlink():
+        return False
     return (folder / CHECKPOINTS).is_dir() and any((folder / CHECKPOINTS).glob("step-*"))
 
 
@@ -165,8 +213,11 @@ def remove_stale(target: Path, notice: Callable[[str], None]) -> None:
                 f"with: deltacli train --resume {target}"
             )
             continue
-        freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.is_symlink():
+            freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        _remove(folder)
+        if folder.is_symlink() or folder.exists():
+            continue  # not ours to remove (permissions): say nothing of it
         removed += 1
     if removed:
         notice(

@@ -115,7 +115,19 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
             raise DeltacliError(f"deltas.{i} must be a mapping with a `kind`, e.g. {{kind: lora}}")
         fields = {k: v for k, v in item.items() if k != "kind"}
         deltas.append(build(kind_class(item["kind"]).config_class, fields, f"deltas.{i}"))
-    return build(Recipe, raw, prebuilt={"deltas": deltas})
+    recipe = build(Recipe, raw, prebuilt={"deltas": deltas})
+    _check_name(recipe.name)
+    return recipe
+
+
+def _check_name(name: str) -> None:
+    """The name labels the run and names its folder under runs/: a path (`../x`, `/tmp/x`)
+    would put the run elsewhere, so it is refused."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise DeltacliError(
+            f"name must be a plain label (no slash or backslash), got {name!r}; "
+            "use -o to choose where the run is written"
+        )
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -192,4 +204,22 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+    """The recipe as a saved file: local paths (the model, the data files) absolute, so that
+    a command run from another folder reads the same base and data, or says it is gone,
+    instead of quietly using whatever the relative path names there."""
+    data = recipe.data
+    saved = dataclasses.replace(
+        recipe,
+        model=_absolute(recipe.model),
+        data=dataclasses.replace(
+            data, train=_absolute(data.train), eval=data.eval and _absolute(data.eval)
+        ),
+    )
+    return yaml.safe_dump(recipe_to_dict(saved), sort_keys=False)
+
+
+def _absolute(spec: str) -> str:
+    """`spec` as an absolute path where it names something on disk, else as it is (a Hub
+    id, a bundled sample, an embedded model)."""
+    path = Path(spec).expanduser()
+    return str(path.absolute()) if path.exists() else spec

@@ -63,7 +63,7 @@ def collect(paths: list[Path], metric: str | None = None) -> list[RunResult]:
         if not path.is_dir():
             raise DeltacliError(f"{path} is not a run or sweep folder")
         if (path / PLAN_FILE).is_file():
-            for run in read_plan(path):
+            for run in _plan(path):
                 if (path / run.name / METRICS_FILE).is_file():
                     results.append(_read(path / run.name, metric, run.method, run.grid, run.seed))
         elif (path / METRICS_FILE).is_file():
@@ -75,10 +75,31 @@ def collect(paths: list[Path], metric: str | None = None) -> list[RunResult]:
     return results
 
 
+def _plan(folder: Path) -> list:
+    try:
+        return read_plan(folder)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise DeltacliError(
+            f"{folder / PLAN_FILE} is not a sweep plan as deltacli writes it ({error})"
+        ) from None
+
+
 def _read(folder: Path, metric: str | None, method: str | None, grid: dict, seed: int | None):
+    try:
+        return _result(folder, metric, method, grid, seed)
+    except (KeyError, TypeError, AttributeError, ZeroDivisionError) as error:
+        raise DeltacliError(
+            f"{folder} is not a finished run's folder as deltacli writes it ({METRICS_FILE} or "
+            f"{RECIPE_FILE} lacks {error}); leave it out of the report"
+        ) from None
+
+
+def _result(folder: Path, metric: str | None, method: str | None, grid: dict, seed: int | None):
     metrics = read_mapping(folder / METRICS_FILE, "training figures")
     recipe = read_mapping(folder / RECIPE_FILE, "a recipe")
     chosen = metric or recipe["train"]["best_metric"]
+    if not metrics.get("eval"):
+        raise DeltacliError(f"{folder} has no eval figures in {METRICS_FILE} to compare")
     if chosen not in metrics["eval"]:
         raise DeltacliError(f"{folder} has no eval {chosen} (it has {', '.join(metrics['eval'])})")
     kinds = "+".join(delta["kind"] for delta in recipe["deltas"])
@@ -145,9 +166,23 @@ def _mean_or_none(values: list[float | None]) -> float | None:
     return _mean(known) if known else None
 
 
+def check_destinations(csv_file: Path | None, plots: Path | None) -> None:
+    """Refuse, before any work, a CSV path that is taken (a user's file is never replaced)
+    or a folder, and a figures path that is a file."""
+    if csv_file is not None and csv_file.is_dir():
+        raise DeltacliError(f"--csv {csv_file} is a folder; name a file, e.g. {csv_file}/table.csv")
+    if csv_file is not None and (csv_file.exists() or csv_file.is_symlink()):
+        raise DeltacliError(f"--csv {csv_file} exists; choose a new file name or remove it")
+    if plots is not None and plots.exists() and not plots.is_dir():
+        raise DeltacliError(f"--plots {plots} is a file; name a folder for the figures")
+
+
 def write_csv(rows: list[MethodRow], path: Path) -> None:
+    """The table as CSV, written beside `path` and renamed into place (parents created)."""
     fields = [f.name for f in dataclasses.fields(MethodRow)]
-    with path.open("w", newline="", encoding="utf-8") as file:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
         for row in rows:
@@ -155,6 +190,7 @@ def write_csv(rows: list[MethodRow], path: Path) -> None:
             writer.writerow(
                 {k: str(v) if isinstance(v, (dict, list)) else v for k, v in values.items()}
             )
+    partial.replace(path)
 
 
 def figures(rows: list[MethodRow], results: list[RunResult], folder: Path) -> list[Path]:

@@ -27,10 +27,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from deltacli.errors import DeltacliError
-from deltacli.outputs import CHECKPOINTS, has_checkpoint, owner_alive, scratch_folders
+from deltacli.outputs import (
+    CHECKPOINTS,
+    MARKER,
+    has_checkpoint,
+    owner_alive,
+    scratch_folders,
+)
+from deltacli.tensor_files import save_tensors
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -64,7 +71,7 @@ def write_checkpoint(
     try:
         for file in run.glob(f"{CHECKPOINTS}/.rng-*"):  # each process's random state
             file.rename(partial / file.name.removeprefix("."))
-        save_file(_contiguous(tensors), partial / STATE_TENSORS)
+        save_tensors(_contiguous(tensors), partial / STATE_TENSORS)
         (partial / STATE_JSON).write_text(json.dumps(state), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -85,7 +92,7 @@ def write_random_state(run: Path, rank: int) -> None:
     tensors, state = random_state()
     folder = run / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / f".rng-{rank}.safetensors")
+    save_tensors(tensors, folder / f".rng-{rank}.safetensors")
     (folder / f".rng-{rank}.json").write_text(json.dumps(state), encoding="utf-8")
 
 
@@ -150,11 +157,17 @@ def find_run(output: Path) -> tuple[Path, Path]:
     """The scratch folder of the run that was to become `output`, and its newest checkpoint:
     the run may have been killed, stopped, or never renamed into place."""
     runs = [f for f in scratch_folders(output) if ".tmp-" in f.name and has_checkpoint(f)]
+    finished = (output / MARKER).is_file()
     if not runs:
-        if output.is_dir():
+        if finished:
             raise DeltacliError(
                 f"{output} is a finished run: there is nothing to resume (train a new one "
                 "with --output elsewhere, or --overwrite it)"
+            )
+        if output.is_dir():
+            raise DeltacliError(
+                f"{output} is not a run deltacli wrote, and no interrupted run writing it was "
+                "found: pass the -o path of the run to resume"
             )
         raise DeltacliError(
             f"no checkpoint of a run writing {output} was found (checkpoints are kept in "
@@ -164,7 +177,14 @@ def find_run(output: Path) -> tuple[Path, Path]:
     if live:
         raise DeltacliError(f"{live[0]} belongs to a run that is still going (its process lives)")
     newest = max(runs, key=lambda f: checkpoints(f)[-1].name)
-    return newest, checkpoints(newest)[-1]
+    checkpoint = checkpoints(newest)[-1]
+    if finished and (output / MARKER).stat().st_mtime > checkpoint.stat().st_mtime:
+        raise DeltacliError(
+            f"{output} holds a run that finished after this checkpoint ({checkpoint}) was "
+            "written; resuming would replace it: move it away first, or delete the "
+            f"interrupted run's folder {newest}"
+        )
+    return newest, checkpoint
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

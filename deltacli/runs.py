@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import signal
 from datetime import datetime
 from pathlib import Path
 
@@ -14,9 +15,10 @@ from rich.progress import Progress
 
 from deltacli import plots
 from deltacli.errors import DeltacliError
+from deltacli.interrupts import Interrupted, Stopped
 from deltacli.logs import MetricsLog, flat_config
 from deltacli.models import resolve
-from deltacli.outputs import CHECKPOINTS, Scratch, check_output, has_checkpoint
+from deltacli.outputs import CHECKPOINTS, Scratch, check_apart, check_output, has_checkpoint
 from deltacli.recipe import Recipe, dump_recipe, load_recipe, recipe_to_dict
 from deltacli.resume import (
     checkpoint_name,
@@ -43,9 +45,21 @@ def default_output(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-# Recipe sections a resumed run may not change: the model, what it learns, the data, the
-# deltas. (`train.*` may change, e.g. a lower learning rate after a diverged run.)
-_FIXED_ON_RESUME = ("model", "task", "head", "data", "deltas")
+# Recipe keys a resumed run may not change: the model and how it is stored, what it learns,
+# the data and its order, the deltas. (Other `train.*` may change, e.g. a lower learning rate
+# after a diverged run.) The data itself is checked by its fingerprint (`Trainer._restore`).
+_FIXED_ON_RESUME = (
+    "model",
+    "task",
+    "head",
+    "base_dtype",
+    "quantize",
+    "data",
+    "deltas",
+    "train.seed",
+    "train.batch_size",
+    "train.grad_accum",
+)
 
 
 def train(
@@ -60,6 +74,7 @@ def train(
     `progress` (a sweep's), the run's bar joins it instead of drawing its own."""
     output = output or default_output(recipe)
     check_output(output, overwrite)
+    check_apart(output, [("base model", recipe.model)])
     return _run(recipe, output, overwrite, console, None, progress)
 
 
@@ -71,11 +86,13 @@ def resume(
 ) -> TrainResult:
     """Continue the run that was writing `output` from its newest checkpoint, with the
     recipe it saved (`train.*` overrides allowed)."""
-    fixed = [o for o in overrides if o.split("=")[0].split(".")[0] in _FIXED_ON_RESUME]
+    keys = [o.split("=")[0].strip() for o in overrides]
+    fixed = [k for k in keys if any(k == f or k.startswith(f + ".") for f in _FIXED_ON_RESUME)]
     if fixed:
         raise DeltacliError(
             f"--resume continues the run's own recipe; {fixed[0]!r} would change its model, "
-            "data or deltas (only train.* settings may change)"
+            "its precision, its data or their order, or its deltas (other train.* settings "
+            "may change)"
         )
     folder, checkpoint = find_run(output)
     recipe = load_recipe(folder / RECIPE_FILE, list(overrides))
@@ -103,6 +120,17 @@ def _run(
                     for (p, r), b, a in zip(trainer.data.prompts, before, after, strict=False)
                 ]
             run.finish(trainer, metrics)
+    except (Stopped, KeyboardInterrupt) as stop:
+        run.abandon()
+        kept = checkpoints(run.path) if run.scratch is not None else []
+        if not kept:
+            raise
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        raise Interrupted(
+            f"stopped by {signal.Signals(signum).name} before the step finished; the run's "
+            f"last checkpoint ({kept[-1].name}) is kept: continue it with {run.resume_hint()}",
+            signum,
+        ) from None
     except BaseException:
         run.abandon()
         raise
@@ -132,11 +160,15 @@ class RunFolder:
         if trainer.accelerator.is_main_process:
             notice = trainer.notice
             if resuming:
-                scratch = Scratch.adopt(output, resuming[0])
+                scratch = Scratch.adopt(output, resuming[0], overwrite)
             else:
                 scratch = Scratch.create(output, overwrite, notice)
-                (scratch.path / RECIPE_FILE).write_text(dump_recipe(trainer.recipe), "utf-8")
-                write_initial(scratch.path, trainer.initial)
+                try:
+                    (scratch.path / RECIPE_FILE).write_text(dump_recipe(trainer.recipe), "utf-8")
+                    write_initial(scratch.path, trainer.initial)
+                except BaseException:
+                    scratch.discard()
+                    raise
         path = broadcast_object_list([scratch.path if scratch else None])[0]
         if trainer.recipe.train.report_to:
             trainer.accelerator.project_configuration.logging_dir = str(path / TRACKERS)

@@ -72,7 +72,11 @@ class TrainConfig:
         1.0, "clip the gradient norm to this; null: no clipping", POSITIVE
     )
     seed: int = option(42, "seed for initialisation, shuffling and dropout")
-    log_every: int = option(10, "optimizer steps between lines of metrics.jsonl", POSITIVE)
+    log_every: int = option(
+        10,
+        "optimizer steps between lines of metrics.jsonl (and progress lines, off a terminal)",
+        POSITIVE,
+    )
     keep_best: bool = option(True, "save the epoch with the best eval metric, not the last")
     save_every: int | None = option(
         None,

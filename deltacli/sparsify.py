@@ -38,7 +38,7 @@ from deltacli.models import (
     load_tokenizer,
     local_dir,
 )
-from deltacli.outputs import atomic_dir, check_output, notice_on
+from deltacli.outputs import atomic_dir, check_apart, check_output, notice_on
 from deltacli.recipe import Recipe
 from deltacli.runtime import make_accelerator
 from deltacli.schema import DENSITY
@@ -173,6 +173,7 @@ def sparsify(
     if by not in ("matrix", "global"):
         raise DeltacliError(f"--by must be matrix or global, got {by!r}")
     check_output(output, overwrite)
+    check_apart(output, [("base model", base), ("tuned model", tuned)])
     base_dir = local_dir(base)
     source = (
         TunedDelta(Path(tuned), base_dir)
@@ -341,6 +342,7 @@ def masks_from_gradients(recipe: Recipe, output: Path, overwrite: bool = False) 
     untrained SIFT delta; returns the density per matrix. No optimizer, no schedule: the
     model, the data and one `calibrate` call."""
     check_output(output, overwrite)
+    check_apart(output, [("base model", recipe.model)])
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model)
     task = recipe.task_entry

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from deltacli.card import CARD_FILE, model_card
 from deltacli.deltas import DeltaSet
@@ -29,6 +27,7 @@ from deltacli.models import saved_task
 from deltacli.peft_format import peft_config, recipe_from_peft
 from deltacli.recipe import Recipe, dump_recipe, parse_recipe
 from deltacli.tasks import DEFAULT
+from deltacli.tensor_files import load_tensors, save_tensors
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -74,7 +73,7 @@ def write_delta(
     """The files of a delta directory, from its recipe and its tensors by file key; `home`
     is where the folder will live, for the model card's snippets."""
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_tensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     if peft is not None:
         write_json(folder / PEFT_CONFIG_FILE, peft)
     (folder / RECIPE_FILE).write_text(dump_recipe(recipe), encoding="utf-8")
@@ -87,7 +86,7 @@ def write_initial(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     """The delta's tensors before training, beside the trained ones."""
     if tensors:
         contiguous = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
-        save_file(contiguous, folder / INITIAL_FILE, metadata={"format": "pt"})
+        save_tensors(contiguous, folder / INITIAL_FILE, metadata={"format": "pt"})
 
 
 @dataclasses.dataclass
@@ -130,7 +129,7 @@ class SavedDelta:
                 f"{self.folder} holds no {INITIAL_FILE} (deltacli keeps a delta's starting "
                 "values since this version): train it again to use it here"
             )
-        return load_file(path)
+        return load_tensors(path)
 
     def load_into(self, deltas: DeltaSet) -> None:
         """Put the saved tensors into `deltas`, attached from this very recipe."""
@@ -155,6 +154,15 @@ def read_delta(folder: Path, model: str | None = None, task: str | None = None) 
     tensors = _read_tensors(folder)
     if (folder / RECIPE_FILE).is_file():
         raw, source = read_mapping(folder / RECIPE_FILE, "a recipe"), "deltacli"
+        if (folder / PEFT_CONFIG_FILE).is_file():
+            # deltacli reads the recipe, but PEFT reads this: a damaged one is not ignored.
+            try:
+                read_mapping(folder / PEFT_CONFIG_FILE, "PEFT's adapter config")
+            except DeltacliError as error:
+                raise DeltacliError(
+                    f"{error}; PEFT cannot load this delta: restore the file, or delete it to "
+                    "use the delta with deltacli only"
+                ) from None
     elif (folder / PEFT_CONFIG_FILE).is_file():
         config = read_mapping(folder / PEFT_CONFIG_FILE, "PEFT's adapter config")
         raw, source = recipe_from_peft(config, tensors), "peft"
@@ -191,10 +199,7 @@ def _read_tensors(folder: Path) -> dict:
         pickled = (folder / "adapter_model.bin").is_file()
         hint = " (only a pickled adapter_model.bin, which deltacli never loads)" if pickled else ""
         raise DeltacliError(f"{folder} has no {WEIGHTS_FILE}{hint}")
-    try:
-        tensors = load_file(path)
-    except SafetensorError as error:
-        raise DeltacliError(f"{path} is not a valid safetensors file: {error}") from None
+    tensors = load_tensors(path)
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call
 
@@ -43,10 +42,11 @@ from deltacli.errors import DeltacliError
 from deltacli.evaluate import evaluate
 from deltacli.logs import MetricsLog, progress_bars
 from deltacli.models import load_tokenizer
-from deltacli.outputs import atomic_dir, check_output, notice_on
+from deltacli.outputs import atomic_dir, check_apart, check_output, notice_on
 from deltacli.recipe import Recipe, parse_recipe, recipe_to_dict
 from deltacli.runtime import make_accelerator
 from deltacli.store import LOG_FILE, read_delta
+from deltacli.tensor_files import save_tensors
 
 LANDSCAPE_FILE = "landscape.json"
 LANDSCAPE_FIGURE = "landscape.png"
@@ -151,6 +151,7 @@ def fit(
     base), then score each method's own delta beside its point in the subspace on the
     recipes' eval data (`eval_rows` of it): what the subspace keeps of each solution."""
     check_output(output, overwrite)
+    check_apart(output, [("delta", f) for f in folders])
     if len(folders) < 2:
         raise DeltacliError("a subspace is fitted to deltas of at least two methods")
     torch.manual_seed(seed)
@@ -163,6 +164,13 @@ def fit(
                 f"{folder} was trained on {other.recipe.model} ({other.recipe.task}), "
                 f"{folders[0]} on {first.model} ({first.task}): fit deltas of one base and task"
             )
+        for key in ("train", "eval", "labels"):
+            theirs, ours = getattr(other.recipe.data, key), getattr(first.data, key)
+            if theirs != ours:
+                raise DeltacliError(
+                    f"{folder} was trained with data.{key}={theirs}, {folders[0]} with "
+                    f"data.{key}={ours}: fit deltas trained on the same data and labels"
+                )
     tokenizer = load_tokenizer(first.model)
     task = first.task_entry
     data = task.load_data(first.data, tokenizer, seed)
@@ -205,7 +213,7 @@ def fit(
                     for key, value in f.deltas.head.params.items():
                         tensors[f"{name}.head.{key}"] = value
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-        save_file(tensors, scratch / TENSORS_FILE, metadata={"format": "pt"})
+        save_tensors(tensors, scratch / TENSORS_FILE, metadata={"format": "pt"})
         summary = {
             "dim": dim,
             "metric": task.metrics[0],
@@ -279,6 +287,7 @@ def decode(
     if (z_delta is None) == (point is None):
         raise DeltacliError("decode one point: a delta trained in the subspace, or --point")
     check_output(output, overwrite)
+    check_apart(output, [("fitted space", space_folder), ("delta", z_delta or space_folder)])
     space = read_space(space_folder)
     method = space.method(to)
     if z_delta is not None:

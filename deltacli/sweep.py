@@ -76,6 +76,9 @@ def plan(sources: list[str], axes: list[Axis], seeds: list[int]) -> list[Run]:
     if not sources:
         raise DeltacliError("give the methods to compare: --methods lora,adapter or --recipe FILE")
     runs = []
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise DeltacliError(f"--seeds lists {repeated[0]} more than once; list each seed once")
     for source in sources:
         method = Path(source).stem
         for values in itertools.product(*(axis.values for axis in axes)):
@@ -125,6 +128,7 @@ def _safe(name: str) -> str:
 def write_plan(
     folder: Path, runs: list[Run], axes: list[Axis], seeds: list[int], extra: dict
 ) -> None:
+    _check_same_settings(folder, extra)
     folder.mkdir(parents=True, exist_ok=True)
     data = {
         "runs": [dataclasses.asdict(run) for run in runs],
@@ -135,6 +139,32 @@ def write_plan(
     scratch = folder / f".{PLAN_FILE}.tmp"
     scratch.write_text(json.dumps(data, indent=1), encoding="utf-8")
     scratch.replace(folder / PLAN_FILE)
+
+
+def _check_same_settings(folder: Path, extra: dict) -> None:
+    """A sweep folder is one experiment: its finished runs count as done only for the same
+    overrides, model and data. (New methods, grid values or seeds add runs; that is fine.)"""
+    if not (folder / PLAN_FILE).is_file():
+        return
+    earlier = read_mapping(folder / PLAN_FILE, "a sweep plan")
+    for key in ("overrides", "settings"):
+        before, now = earlier.get(key), extra.get(key)
+        if before is not None and _comparable(before) != _comparable(now):
+            raise DeltacliError(
+                f"{folder} holds a sweep with other {key} ({before or 'none'}; now "
+                f"{now or 'none'}): its runs would not match; sweep into another folder"
+            )
+
+
+def _comparable(value: object) -> object:
+    """Settings with paths made absolute (the sweep may be restarted from elsewhere)."""
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    if isinstance(value, str) and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
 
 
 def read_plan(folder: Path) -> list[Run]:

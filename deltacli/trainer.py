@@ -22,7 +22,7 @@ from rich.progress import Progress
 from transformers import get_linear_schedule_with_warmup
 
 from deltacli.build import check_attaches, compute_precision, parameter_counts, prepare_model
-from deltacli.data import batches
+from deltacli.data import batches, data_fingerprint
 from deltacli.errors import DeltacliError
 from deltacli.evaluate import evaluate, generate
 from deltacli.interrupts import Interrupted, StopRequest, stop_requests
@@ -84,7 +84,14 @@ class Trainer:
             # Non-reentrant checkpointing needs no input that requires grad (the base is frozen).
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
         self._setup_optimisation()
+        self.fingerprint = {
+            "training data": data_fingerprint(self.data.train),
+            "eval data": data_fingerprint(self.data.eval),
+            "base_dtype": str(self.recipe.base_dtype),
+            "quantize": str(self.recipe.quantize),
+        }
         self.step, self.epoch, self.position = 0, 1, 0
+        self._since: tuple[float, int] | None = None  # when plain progress lines began
         self.meter, self.history, self.best = Throughput(), [], None
         self.best_state: dict[str, torch.Tensor] = {}
         self.epoch_order = self.order.get_state()
@@ -258,6 +265,7 @@ class Trainer:
             progress.update(bar, advance=1, loss=self.meter.loss, lr=lr, speed=self.meter.rate)
             if self.step % self.recipe.train.log_every == 0:
                 log.write(step=self.step, epoch=self.epoch, loss=self.meter.loss, lr=lr)
+                self._plain_progress()
             stopping, diverged = self._agreed(stop.signum, diverged)
             if diverged:
                 raise DeltacliError(
@@ -270,6 +278,25 @@ class Trainer:
             if run and (run.due(self.step) or stopping):
                 self._checkpoint(log, run, stopping)
         return True
+
+    def _plain_progress(self) -> None:
+        """Where the console is not a terminal (CI, nohup, a log file) the live bar shows
+        nothing until the end: a plain line every `train.log_every` steps instead."""
+        if self.console is None or self.console.is_terminal:
+            return
+        if self._since is None:
+            self._since = (time.perf_counter(), self.step)
+            eta = "…"
+        else:
+            started, first = self._since
+            per_step = (time.perf_counter() - started) / max(self.step - first, 1)
+            eta = _duration(per_step * (self.total_steps - self.step))
+        self.console.print(
+            f"{self.recipe.name} step {self.step}/{self.total_steps} · loss {self.meter.loss:.4f}"
+            f" · {self.meter.rate:.0f} samples/s · ETA {eta}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def _checkpoint(self, log: MetricsLog, run: Checkpoints, signum: int) -> None:
         """Save a checkpoint; after a stop signal, end the run saying how to continue it."""
@@ -360,6 +387,7 @@ class Trainer:
             "meter": self.meter.state(),
             "history": self.history,
             "best": self.best,
+            "fingerprint": self.fingerprint,
         }
         return tensors, state
 
@@ -370,6 +398,17 @@ class Trainer:
         )
         if state["param_names"] != self.param_names:
             raise DeltacliError(f"{checkpoint} does not belong to this recipe's deltas")
+        changed = [k for k, v in state.get("fingerprint", {}).items() if self.fingerprint[k] != v]
+        if changed:
+            raise DeltacliError(
+                f"the {changed[0]} changed since {checkpoint} was written; resuming would mix "
+                "two runs: restore it, or start a new run"
+            )
+        if self.total_steps < state["step"]:
+            raise DeltacliError(
+                f"the run is {self.total_steps} steps long with these settings, but its "
+                f"checkpoint is at step {state['step']}: raise train.max_steps or train.epochs"
+            )
         self.deltas.restore(_prefixed(tensors, "delta."))
         self.best_state = _prefixed(tensors, "best.")
         self.epoch_order = tensors["order"]
@@ -452,3 +491,13 @@ class Throughput:
 
     def resume(self) -> None:
         self._since = time.perf_counter()
+
+
+def _duration(seconds: float) -> str:
+    """`1h02m`, `3m12s`, `45s`: an ETA a person reads at a glance."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

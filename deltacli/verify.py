@@ -26,7 +26,9 @@ def verify_merge(base_dir: Path, saved: list[SavedDelta], merged_dir: Path) -> f
     saved[0].load_into(deltas)
     for later in saved[1:]:
         later.load_into(attach_recipe(reference, resolved_recipe(later)))
-    merged = recipe.task_entry.model_class.from_pretrained(merged_dir, dtype=torch.float32)
+    merged = recipe.task_entry.model_class.from_pretrained(
+        merged_dir, dtype=torch.float32, trust_remote_code=False
+    )
     probe = _probe_batch(reference.config.vocab_size)
     with torch.no_grad():
         expected = reference.eval()(**probe).logits

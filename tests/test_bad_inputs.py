@@ -9,6 +9,7 @@ their error must still be one line, and the last.
 import contextlib
 import dataclasses
 import errno
+import json
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -88,6 +89,37 @@ def merge(*extra, delta: str = "delta", base_dir: str | None = None):
     return args
 
 
+def recipe_run(folder: Path, fx: dict) -> list:
+    """Train the recipe file `r.yaml` a case writes."""
+    return ["train", "--recipe", folder / "r.yaml", *base(fx), "-o", folder / OUT]
+
+
+def index_naming(shard: str):
+    """A copy of the base whose shard index names `shard`, and a delta to merge into it."""
+
+    def setup(folder: Path, fx: dict) -> None:
+        shutil.copytree(fx["bert"], folder / "base")
+        index = {"weight_map": {"bert.embeddings.word_embeddings.weight": shard}}
+        (folder / "base" / "model.safetensors.index.json").write_text(json.dumps(index))
+        delta_copy("delta")(folder, fx)
+
+    return setup
+
+
+def decode_space(folder: Path, fx: dict) -> list:
+    return [
+        "subspace",
+        "decode",
+        folder / "space",
+        "--to",
+        "lora",
+        "--point",
+        "lora",
+        "-o",
+        folder / OUT,
+    ]
+
+
 CASES = [
     # recipes and overrides
     Case(
@@ -125,13 +157,13 @@ CASES = [
     ),
     Case(
         "recipe not UTF-8",
-        lambda f, fx: ["train", "--recipe", f / "r.yaml", *base(fx), "-o", f / OUT],
+        recipe_run,
         "is not UTF-8 text (byte 0xff",
         setup=write("r.yaml", b"model: default\nname: \xff\n"),
     ),
     Case(
         "malformed YAML recipe",
-        lambda f, fx: ["train", "--recipe", f / "r.yaml", *base(fx), "-o", f / OUT],
+        recipe_run,
         "is not valid YAML at line 3, column 1",
         setup=write("r.yaml", "model: default\ndeltas: [{kind: lora}\n"),
     ),
@@ -154,7 +186,7 @@ CASES = [
     ),
     Case(
         "recipe without deltas",
-        lambda f, fx: ["train", "--recipe", f / "r.yaml", *base(fx), "-o", f / OUT],
+        recipe_run,
         "the recipe lists no deltas",
         setup=write("r.yaml", "model: default\n"),
     ),
@@ -390,6 +422,326 @@ CASES = [
         merge(delta="prefix"),
         "holds a prefix delta, which is not linear in the base weights",
         setup=lambda f, fx: shutil.copytree(fx["prefix"], f / "prefix"),
+    ),
+    # second round (issue 18): nothing outside the output, nothing of the user's replaced
+    Case(
+        "shard index pointing outside the base",
+        merge(base_dir="base", delta="delta"),
+        "names shard '../outside.safetensors', which is not a plain file name",
+        setup=index_naming("../outside.safetensors"),
+    ),
+    Case(
+        "shard index with an absolute path",
+        merge(base_dir="base", delta="delta"),
+        "which is not a plain file name",
+        setup=index_naming("/tmp/deltacli-outside.safetensors"),
+    ),
+    Case(
+        "two LoRAs on the same modules",
+        train("deltas.1.kind=lora", "deltas.1.r=2"),
+        "deltas.1 (lora) attaches to",
+    ),
+    Case(
+        "output is the base model",
+        lambda f, fx: [
+            "train",
+            "--method",
+            "lora",
+            *base(fx),
+            "--model",
+            f / "m",
+            "-o",
+            f / "m",
+            "--overwrite",
+        ],
+        "would overlap the base model",
+        setup=lambda f, fx: (
+            shutil.copytree(fx["bert"], f / "m"),
+            (f / "m" / MARKER).write_text("{}"),
+        ),
+    ),
+    Case(
+        "output holds the base model",
+        lambda f, fx: [
+            "train",
+            "--method",
+            "lora",
+            *base(fx),
+            "--model",
+            f / "d" / "m",
+            "-o",
+            f / "d",
+            "--overwrite",
+        ],
+        "would overlap the base model",
+        setup=lambda f, fx: (
+            shutil.copytree(fx["bert"], f / "d" / "m"),
+            (f / "d" / MARKER).write_text("{}"),
+        ),
+    ),
+    Case(
+        "merge output is the delta",
+        lambda f, fx: ["merge", fx["bert"], f / "delta", f / "delta", "--overwrite"],
+        "would overlap the delta",
+        setup=delta_copy("delta"),
+    ),
+    Case(
+        "merge weight NaN",
+        merge("--weights", "nan", delta="delta"),
+        "--weights must be finite",
+        setup=delta_copy("delta"),
+    ),
+    Case(
+        "merge weight inf",
+        merge("--weights", "inf", delta="delta"),
+        "--weights must be finite",
+        setup=delta_copy("delta"),
+    ),
+    Case(
+        "subspace of deltas trained on other data",
+        lambda f, fx: ["subspace", "fit", f / "lora", f / "prefix", "-o", f / OUT, "--steps", "1"],
+        "trained with data.train=",
+        setup=lambda f, fx: (
+            delta_copy("lora")(f, fx),
+            shutil.copytree(fx["prefix"], f / "prefix"),
+            (f / "prefix" / "recipe.yaml").write_text(
+                (f / "prefix" / "recipe.yaml").read_text().replace(str(fx["train"]), "sst2:train")
+            ),
+        ),
+    ),
+    Case(
+        "resume with another base_dtype",
+        lambda f, fx: ["train", "--resume", f / OUT, "base_dtype=bf16"],
+        "'base_dtype' would change its model, its precision",
+    ),
+    Case(
+        "resume with another seed",
+        lambda f, fx: ["train", "--resume", f / OUT, "train.seed=3"],
+        "'train.seed' would change",
+    ),
+    Case(
+        "duplicate key in a recipe",
+        recipe_run,
+        "the key 'train' appears twice",
+        setup=write("r.yaml", "deltas: [{kind: lora}]\ntrain: {lr: 0.1}\ntrain: {epochs: 1}\n"),
+    ),
+    Case(
+        "duplicate nested key in a recipe",
+        recipe_run,
+        "the key 'lr' appears twice",
+        setup=write("r.yaml", "deltas: [{kind: lora}]\ntrain:\n  lr: 0.1\n  lr: 0.2\n"),
+    ),
+    Case(
+        "report --csv onto the user's file",
+        lambda f, fx: ["report", fx["lora"], "--csv", f / "mine.csv"],
+        "exists; choose a new file name",
+        setup=write("mine.csv", "precious"),
+    ),
+    Case(
+        "model with its own code",
+        lambda f, fx: ["train", "--method", "lora", *base(fx), "--model", f / "m", "-o", f / OUT],
+        "needs its own Python code (auto_map), which deltacli never runs",
+        setup=lambda f, fx: (
+            write(
+                "m/config.json",
+                '{"model_type": "pwned", "auto_map": {"AutoConfig": "code.C", '
+                '"AutoModelForSequenceClassification": "code.M"}}',
+            )(f, fx),
+            write(
+                "m/code.py",
+                "import pathlib\npathlib.Path(__file__).parent.parent.joinpath('ran').write_text('!')\n",
+            )(f, fx),
+            write("m/vocab.txt", "[PAD]\n")(f, fx),
+        ),
+    ),
+    Case(
+        "recipe name that is a path",
+        lambda f, fx: ["train", "--method", "lora", *base(fx), "name=../../escaped"],
+        "name must be a plain label",
+    ),
+    Case(
+        "recipe name that is absolute",
+        lambda f, fx: ["train", "--method", "lora", *base(fx), f"name={f / 'abs'}"],
+        "name must be a plain label",
+    ),
+    Case(
+        "output is a dangling symlink",
+        train(),
+        "is a symbolic link that leads nowhere",
+        setup=lambda f, fx: (f / OUT).symlink_to(f / "nowhere"),
+    ),
+    Case(
+        "output is a symlink loop",
+        train(),
+        "is a symbolic link that leads nowhere",
+        setup=lambda f, fx: (f / OUT).symlink_to(f / OUT),
+    ),
+    Case(
+        "merge into a dangling symlink",
+        merge(delta="delta"),
+        "is a symbolic link that leads nowhere",
+        setup=lambda f, fx: (delta_copy("delta")(f, fx), (f / OUT).symlink_to(f / "nowhere")),
+    ),
+    Case(
+        "truncated GGUF, inspect",
+        lambda f, fx: ["inspect", f / "m.gguf", "--method", "lora"],
+        "cannot read GGUF file",
+        setup=write("m.gguf", b"GGUF\x03\x00\x00\x00\x01\x00"),
+    ),
+    Case(
+        "truncated GGUF, train",
+        lambda f, fx: [
+            "train",
+            "--method",
+            "lora",
+            *base(fx),
+            "--model",
+            f / "m.gguf",
+            "-o",
+            f / OUT,
+        ],
+        "cannot read GGUF file",
+        setup=write("m.gguf", b"GGUF\x03\x00\x00\x00\x01\x00"),
+    ),
+    Case(
+        "hidden size not a multiple of the heads",
+        lambda f, fx: ["inspect", f / "config.json", "--method", "lora"],
+        "is not a multiple of the number of attention heads",
+        setup=write(
+            "config.json",
+            '{"model_type": "bert", "hidden_size": 100, "num_attention_heads": 3, '
+            '"num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 50}',
+        ),
+    ),
+    Case(
+        "config with 100,000 layers",
+        lambda f, fx: ["inspect", f / "config.json", "--method", "lora"],
+        "num_hidden_layers=100,000; deltacli builds models of up to",
+        setup=write(
+            "config.json",
+            '{"model_type": "bert", "hidden_size": 96, "num_attention_heads": 3, '
+            '"num_hidden_layers": 100000, "intermediate_size": 64, "vocab_size": 50}',
+        ),
+    ),
+    Case(
+        "damaged subspace.json",
+        lambda f, fx: [
+            "subspace",
+            "decode",
+            f / "space",
+            "--to",
+            "lora",
+            "--point",
+            "lora",
+            "-o",
+            f / OUT,
+        ],
+        "subspace.json is not valid JSON",
+        setup=write("space/subspace.json", "{oops"),
+    ),
+    Case(
+        "subspace.json of another shape",
+        lambda f, fx: [
+            "subspace",
+            "decode",
+            f / "space",
+            "--to",
+            "lora",
+            "--point",
+            "lora",
+            "-o",
+            f / OUT,
+        ],
+        "is not a subspace as `deltacli subspace fit` writes it",
+        setup=write("space/subspace.json", '{"dim": 2}'),
+    ),
+    Case(
+        "damaged subspace.safetensors",
+        lambda f, fx: [
+            "subspace",
+            "decode",
+            f / "space",
+            "--to",
+            "lora",
+            "--point",
+            "lora",
+            "-o",
+            f / OUT,
+        ],
+        "subspace.safetensors is not a valid safetensors file",
+        setup=lambda f, fx: (
+            write("space/subspace.json", '{"dim": 2, "methods": []}')(f, fx),
+            write("space/subspace.safetensors", b"\x10\x00\x00\x00garbage")(f, fx),
+        ),
+    ),
+    Case(
+        "damaged initial.safetensors",
+        lambda f, fx: ["subspace", "fit", f / "lora", f / "prefix", "-o", f / OUT, "--steps", "1"],
+        "initial.safetensors is not a valid safetensors file",
+        setup=lambda f, fx: (
+            delta_copy("lora", lambda d: (d / "initial.safetensors").write_bytes(b"\x05\x00"))(
+                f, fx
+            ),
+            shutil.copytree(fx["prefix"], f / "prefix"),
+        ),
+    ),
+    Case(
+        "report on a run without eval figures",
+        lambda f, fx: ["report", f / "delta"],
+        "has no eval figures",
+        setup=delta_copy("delta", lambda d: (d / "metrics.json").write_text('{"params": {}}')),
+    ),
+    Case(
+        "report on a mis-shaped sweep.json",
+        lambda f, fx: ["report", f / "sweep"],
+        "is not a sweep plan as deltacli writes it",
+        setup=write("sweep/sweep.json", '{"runs": [1, 2]}'),
+    ),
+    Case(
+        "report --csv a folder",
+        lambda f, fx: ["report", fx["lora"], "--csv", f],
+        "is a folder; name a file",
+    ),
+    Case(
+        "report --plots a file",
+        lambda f, fx: ["report", fx["lora"], "--plots", f / "figure.png"],
+        "is a file; name a folder for the figures",
+        setup=write("figure.png", "not a folder"),
+    ),
+    Case(
+        "resume a model folder",
+        lambda f, fx: ["train", "--resume", f / "m"],
+        "is not a run deltacli wrote, and no interrupted run writing it was found",
+        setup=lambda f, fx: shutil.copytree(fx["bert"], f / "m"),
+    ),
+    Case(
+        "the same seed twice",
+        lambda f, fx: ["sweep", "--methods", "lora", "--seeds", "1,1", "-o", f / OUT],
+        "--seeds lists 1 more than once",
+    ),
+    Case(
+        "two rows and a held-out split",
+        lambda f, fx: [
+            "train",
+            "--method",
+            "lora",
+            "--model",
+            fx["bert"],
+            "--data",
+            f / "two.csv",
+            "data.eval=null",
+            "data.text=text",
+            "-o",
+            f / OUT,
+        ],
+        "too few rows to hold out data.eval_fraction=0.1",
+        setup=write("two.csv", "text,label\ngood,pos\nbad,neg\n"),
+    ),
+    Case(
+        "damaged adapter_config.json in a deltacli delta",
+        evaluate(),
+        "PEFT cannot load this delta",
+        setup=delta_copy("delta", lambda d: (d / "adapter_config.json").write_text("{,")),
     ),
     # faults once training runs
     Case(

@@ -79,10 +79,34 @@ BNB = importlib.util.find_spec("bitsandbytes") is not None
 needs_bnb = pytest.mark.skipif(not BNB, reason="bitsandbytes (deltacli[quantize]) is not installed")
 
 
+@pytest.fixture(params=["avx512bf16", "plain"])
+def cpu_branch(request, monkeypatch):
+    """Both of bitsandbytes' CPU branches on any CPU: `Linear4bit` reads
+    `has_avx512bf16()` when built and, where it is true, repacks its weight for an
+    inference-only kernel on its first eval forward. Forcing the answer exercises the
+    AVX-512-BF16 branch on CPUs without it (and the plain one on CPUs with it)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: request.param == "avx512bf16")
+    return request.param
+
+
+def packed_layers(model: torch.nn.Module) -> list[str]:
+    """4-bit layers whose weight bitsandbytes repacked for its AVX-512-BF16 inference kernel."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(module, "weight", None), "quant_state", None) is not None
+        and getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+    ]
+
+
 @needs_bnb
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("method", ["lora", "ia3", "adapter"])
-def test_a_quantised_base_trains_lora_ia3_and_adapters(tiny_llama, instructions, kind, method):
+def test_a_quantised_base_trains_lora_ia3_and_adapters(
+    tiny_llama, instructions, kind, method, cpu_branch
+):
     recipe = tiny_recipe(
         tiny_llama, instructions, SHARED[method], task="causal-lm", quantize=kind, epochs=2
     )
@@ -93,13 +117,47 @@ def test_a_quantised_base_trains_lora_ia3_and_adapters(tiny_llama, instructions,
     before = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator, trainer.task)
     after = trainer.fit(MetricsLog(None))["eval"]
     assert after["loss"] < before["loss"]
+    assert packed_layers(trainer.model) == []  # evaluated between steps, still trainable
+
+
+@needs_bnb
+def test_the_avx512bf16_branch_repacks_a_plain_quantised_model_in_eval(tiny_llama, cpu_branch):
+    """What the fixture forces is what bitsandbytes does on such a CPU: without deltacli's
+    `keep_training_layout`, an eval forward repacks the weights (and fails on layers
+    narrower than its blocks: the tiny model's 32-wide ones)."""
+    from transformers import AutoModelForCausalLM
+
+    from deltacli.models import quantization
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, **quantization("nf4", None)).eval()
+    ids = torch.randint(4, 40, (1, 5))
+    if cpu_branch == "plain":
+        with torch.no_grad():
+            base(input_ids=ids)
+        assert packed_layers(base) == []
+    else:
+        with pytest.raises(RuntimeError, match="is invalid for input of size"), torch.no_grad():
+            base(input_ids=ids)
+
+
+@needs_bnb
+def test_a_quantised_classifier_keeps_its_head_in_full_precision_and_trains(
+    tiny_bert, sentiment, cpu_branch
+):
+    """int8 and nf4 under a classification head: the head trains, so it is not quantised
+    (a quantised `classifier` made training fail at step 1 with no attribute 'CB')."""
+    for kind in ("int8", "nf4"):
+        recipe = tiny_recipe(tiny_bert, sentiment, SHARED["lora"], quantize=kind, max_steps=2)
+        trainer = Trainer(recipe, console=None)
+        assert trainer.model.classifier.weight.dtype == torch.float32
+        assert trainer.fit(MetricsLog(None))["eval"]["loss"] > 0
 
 
 @needs_bnb
 def test_a_qlora_delta_loads_in_peft_on_the_quantised_base_and_merges_only_in_full_precision(
-    tiny_llama, instructions, tmp_path, cli
+    tiny_llama, instructions, tmp_path, cli, cpu_branch
 ):
-    from deltacli.models import quantization
+    from deltacli.models import keep_training_layout, quantization
 
     recipe = tiny_recipe(
         tiny_llama,
@@ -118,6 +176,7 @@ def test_a_qlora_delta_loads_in_peft_on_the_quantised_base_and_merges_only_in_fu
     model, deltas = prepare_model(read_delta(tmp_path / "delta").recipe)
     read_delta(tmp_path / "delta").load_into(deltas)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, **quantization("nf4", None))
+    keep_training_layout(base)  # PEFT's side on the same kernels (see the test above)
     theirs = PeftModel.from_pretrained(base, tmp_path / "delta").eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert_close(model.eval()(**ids).logits, theirs(**ids).logits, rel=2e-2)

@@ -74,14 +74,17 @@ class Delta(ABC):
         `detach` can undo it without a kind having to remember what it did."""
 
     def add_module(self, owner: nn.Module, name: str, module: nn.Module) -> None:
+        _claim(owner, name)
         owner.add_module(name, module)
         self._undo.append(lambda: delattr(owner, name))
 
     def add_parameter(self, owner: nn.Module, name: str, param: nn.Parameter) -> None:
+        _claim(owner, name)
         owner.register_parameter(name, param)
         self._undo.append(lambda: delattr(owner, name))
 
     def add_buffer(self, owner: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        _claim(owner, name)
         owner.register_buffer(name, tensor)
         self._undo.append(lambda: delattr(owner, name))
 
@@ -332,13 +335,35 @@ class DeltaSet:
             delta.detach()
 
 
+class NameTaken(Exception):
+    """A delta would attach under a name its module already has: a second delta of the same
+    kind on the same module, which would silently replace the first's tensors."""
+
+    def __init__(self, owner: nn.Module, name: str) -> None:
+        super().__init__(name)
+        self.owner, self.name = owner, name
+
+
+def _claim(owner: nn.Module, name: str) -> None:
+    if name in owner._modules or name in owner._parameters or name in owner._buffers:
+        raise NameTaken(owner, name)
+
+
 def attach(model: nn.Module, configs: list[DeltaConfig], head: DeltaConfig | None) -> DeltaSet:
     """Freeze `model`, attach each delta in order, and unfreeze exactly what they train."""
     model.requires_grad_(False)
     deltas = [kind_class(c.kind)(c) for c in configs]
     head_delta = kind_class(head.kind)(head) if head else None
-    for delta in [*deltas, *([head_delta] if head_delta else [])]:
-        delta.attach(model)
+    for index, delta in enumerate([*deltas, *([head_delta] if head_delta else [])]):
+        try:
+            delta.attach(model)
+        except NameTaken as taken:
+            where = next((n for n, m in model.named_modules() if m is taken.owner), "")
+            raise DeltacliError(
+                f"deltas.{index} ({delta.kind}) attaches to {where or 'the model'}, which an "
+                f"earlier {delta.kind} delta already holds ({taken.name}); one {delta.kind} "
+                "per module: give the deltas different targets, or make them one delta"
+            ) from None
         for param in delta.params.values():
             param.requires_grad_(True)
     return DeltaSet(model, deltas, head_delta)

@@ -18,18 +18,18 @@ tensors that a delta saves but does not train: SIFT's indices, so that z moves i
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import parametrize
 
 from deltacli.deltas.base import Delta, DeltaConfig, kind_class, register
 from deltacli.errors import DeltacliError
+from deltacli.files import read_mapping
 from deltacli.schema import build, option
+from deltacli.tensor_files import load_tensors
 
 SPACE_FILE = "subspace.json"
 TENSORS_FILE = "subspace.safetensors"
@@ -107,9 +107,24 @@ def read_space(folder: Path) -> Space:
         raise DeltacliError(
             f"{folder} is not a subspace (no {SPACE_FILE}): `deltacli subspace fit` makes one"
         )
-    info = json.loads((folder / SPACE_FILE).read_text(encoding="utf-8"))
-    methods = {m["name"]: Method(**m) for m in info.pop("methods")}
-    return Space(folder, info["dim"], methods, info, load_file(folder / TENSORS_FILE))
+    info = read_mapping(folder / SPACE_FILE, "a fitted subspace")
+    try:
+        methods = {m["name"]: Method(**m) for m in info.pop("methods")}
+        dim = int(info["dim"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise DeltacliError(
+            f"{folder / SPACE_FILE} is not a subspace as `deltacli subspace fit` writes it "
+            f"(bad or missing {error}); fit it again"
+        ) from None
+    tensors = load_tensors(folder / TENSORS_FILE)
+    for name in methods:
+        missing = [p for p in ("init", "decoder", "point") if f"{name}.{p}" not in tensors]
+        if missing:
+            raise DeltacliError(
+                f"{folder / TENSORS_FILE} lacks {name}.{missing[0]}; the subspace is damaged: "
+                "fit it again"
+            )
+    return Space(folder, dim, methods, info, tensors)
 
 
 def inner_deltas(method: Method) -> list[Delta]:
