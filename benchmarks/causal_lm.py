@@ -41,7 +41,7 @@ METHODS = {
 def build_model(folder: Path) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from deltacli.models import resolve
+    from deltacli.models.loading import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("default"))
     tokenizer.save_pretrained(folder)
@@ -79,8 +79,8 @@ def recipe(model: Path, method: str, steps: int):
 
 
 def run_deltacli(model: Path, method: str, steps: int) -> dict:
-    from deltacli.logs import MetricsLog
-    from deltacli.trainer import Trainer
+    from deltacli.training.logs import MetricsLog
+    from deltacli.training.trainer import Trainer
 
     trainer = Trainer(recipe(model, method, steps), console=None)
     metrics = trainer.fit(MetricsLog(None))
@@ -100,7 +100,7 @@ def run_reference(model: Path, method: str, steps: int) -> dict:
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deltacli.data import batches
+    from deltacli.tasks.tables import batches
 
     rec = recipe(model, method, steps)
     tokenizer = AutoTokenizer.from_pretrained(model)

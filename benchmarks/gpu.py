@@ -143,8 +143,8 @@ class Clock:
 def run_deltacli(model: str, data: Path, method: str, variant: str, steps: int, warmup: int):
     import torch
 
-    from deltacli.logs import MetricsLog
-    from deltacli.trainer import Trainer
+    from deltacli.training.logs import MetricsLog
+    from deltacli.training.trainer import Trainer
 
     gpu = torch.cuda.is_available()
     trainer = Trainer(recipe(model, data, method, variant, warmup + steps + 1, gpu), console=None)
@@ -168,7 +168,7 @@ def reference_model(model: str, method: str, variant: str, gpu: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from deltacli.models import quantization
+    from deltacli.models.loading import quantization
 
     options = {"dtype": torch.bfloat16 if variant != "fp32" else torch.float32}
     if variant == "nf4":
@@ -195,7 +195,7 @@ def run_reference(model: str, data: Path, method: str, variant: str, steps: int,
     import torch
     from transformers import AutoTokenizer
 
-    from deltacli.data import batches
+    from deltacli.tasks.tables import batches
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
@@ -323,7 +323,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = work / ("llama-tiny" if args.tiny else "llama-828m")
     if not (model / "config.json").is_file():
-        from deltacli.models import resolve
+        from deltacli.models.loading import resolve
 
         build_model(model, args.tokenizer or resolve("default"), args.tiny)
     data = work / "train.jsonl"

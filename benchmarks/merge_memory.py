@@ -44,7 +44,7 @@ merged.save_pretrained(out, max_shard_size="500MB")
 """
 
 # The fixed cost of any deltacli merge of a Llama: the interpreter and the imports.
-STARTUP = "import deltacli.merge, transformers.models.llama.modeling_llama"
+STARTUP = "import deltacli.commands.merge, transformers.models.llama.modeling_llama"
 # The same merge with that cost paid before the clock starts.
 MERGE_WORK = (
     STARTUP

@@ -24,11 +24,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from deltacli.evaluate import score_delta
+from deltacli.commands.evaluate import score_delta
+from deltacli.commands.subspace import decode, fit, landscape
 from deltacli.recipe import load_recipe, recipe_file
-from deltacli.runs import train
-from deltacli.store import METRICS_FILE
-from deltacli.subspace import decode, fit, landscape
+from deltacli.storage.delta_folder import METRICS_FILE
+from deltacli.training.runs import train
 
 METHODS = ("lora", "adapter", "prefix")
 AGNEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"

@@ -32,10 +32,10 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from deltacli.data import load_table
-from deltacli.models import resolve
+from deltacli.models.loading import resolve
 from deltacli.recipe import Recipe, load_recipe, recipe_file
-from deltacli.runs import train
+from deltacli.tasks.tables import load_table
+from deltacli.training.runs import train
 
 console = Console()
 

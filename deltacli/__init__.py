@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_recipe": "deltacli.recipe",
     "recipe_file": "deltacli.recipe",
-    "train": "deltacli.runs",
-    "TrainResult": "deltacli.runs",
+    "train": "deltacli.training.runs",
+    "TrainResult": "deltacli.training.runs",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

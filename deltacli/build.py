@@ -7,22 +7,22 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from deltacli.deltas import DeltaSet, attach
 from deltacli.deltas.specify import ModulesConfig
 from deltacli.errors import DeltacliError
-from deltacli.models import (
+from deltacli.models.loading import (
     build_on_meta,
     checkpoint_dtype,
     head_modules,
-    load_config,
     load_model,
     resolve,
 )
-from deltacli.peft_format import peft_config
-from deltacli.precision import base_dtype, mixed_precision
+from deltacli.models.precision import mixed_precision, stored_dtype
 from deltacli.recipe import Recipe
-from deltacli.store import SavedDelta, write_delta
+from deltacli.storage.delta_folder import SavedDelta, write_delta
+from deltacli.storage.peft_format import peft_config
 
 
 def attach_recipe(model: nn.Module, recipe: Recipe) -> DeltaSet:
@@ -33,11 +33,16 @@ def attach_recipe(model: nn.Module, recipe: Recipe) -> DeltaSet:
 
 
 def prepare_model(
-    recipe: Recipe, meta: bool = False, device: torch.device | None = None
+    recipe: Recipe,
+    meta: bool = False,
+    device: torch.device | None = None,
+    stored: torch.dtype | None = None,
+    config: PretrainedConfig | None = None,
 ) -> tuple[nn.Module, DeltaSet]:
     """The recipe's base model (real weights, or shapes only on the meta device) with its
     deltas attached. `recipe.data.labels` sizes the head; `device` is where it will run,
-    which decides `base_dtype: auto` and where a quantised base is placed."""
+    which decides `base_dtype: auto` and where a quantised base is placed, unless the
+    caller decided the dtype already (`stored`) and read the config (`config`)."""
     if meta:
         model = build_on_meta(recipe.model, recipe.task, recipe.data.labels, recipe.base_dtype)
     else:
@@ -48,18 +53,20 @@ def prepare_model(
             recipe.base_dtype,
             recipe.quantize,
             device,
+            stored=stored,
+            config=config,
         )
     return model, attach_recipe(model, recipe)
 
 
-def compute_precision(recipe: Recipe, gpu: bool) -> str:
-    """Accelerate's `mixed_precision` for the recipe: its own `train.mixed_precision`, or
-    autocast in the base's half precision (a bf16 or quantised base meets float32 deltas)."""
-    stored = torch.bfloat16 if recipe.quantize else None
-    if stored is None:
-        config = load_config(recipe.model, recipe.data.labels)
-        stored = base_dtype(recipe.base_dtype, checkpoint_dtype(config), gpu)
-    return mixed_precision(recipe.train.mixed_precision, stored, gpu)
+def decide_precision(
+    recipe: Recipe, config: PretrainedConfig, gpu: bool
+) -> tuple[torch.dtype, str]:
+    """Once per run: the dtype the frozen base is held in, and accelerate's
+    `mixed_precision` (the recipe's own, or autocast in the base's half precision, so that
+    float32 deltas meet a bf16 or quantised base in one type)."""
+    stored = stored_dtype(recipe.base_dtype, recipe.quantize, checkpoint_dtype(config), gpu)
+    return stored, mixed_precision(recipe.train.mixed_precision, stored, gpu)
 
 
 def save_values(
@@ -82,10 +89,11 @@ def save_values(
     write_delta(folder, recipe, tensors, metrics, peft, home)
 
 
-def check_attaches(recipe: Recipe) -> None:
+def check_attaches(recipe: Recipe, config: PretrainedConfig | None = None) -> None:
     """Attach the recipe's deltas to its model on the meta device: a target that matches
     nothing fails in a second, before any data is tokenised or weight read."""
-    prepare_model(recipe, meta=True)
+    model = build_on_meta(recipe.model, recipe.task, None, recipe.base_dtype, config=config)
+    attach_recipe(model, recipe)
 
 
 def resolved_recipe(saved: SavedDelta) -> Recipe:

@@ -39,7 +39,10 @@ err = Console(stderr=True)
 
 Overrides = Annotated[
     list[str] | None,
-    typer.Argument(help="Recipe overrides as dotted key=value, e.g. train.lr=1e-4 deltas.0.r=16"),
+    typer.Argument(
+        help="Recipe overrides as dotted key=value, e.g. train.lr=1e-4 deltas.0.r=16 "
+        "(every key: deltacli recipes --keys)."
+    ),
 ]
 Method = Annotated[
     str | None,
@@ -60,6 +63,9 @@ TRAIN_EXAMPLES = r"""
   deltacli train --recipe my.yaml train.lr=1e-4 deltas.0.r=16 'deltas.0.targets=\[query,value]'
   [dim]# two processes (GPUs, or CPUs with gloo)[/]
   accelerate launch --multi_gpu --num_processes 2 -m deltacli train --method lora
+
+Every key=value a recipe takes, with its type, range, default and help:
+  deltacli recipes --keys lora
 """
 
 
@@ -112,8 +118,8 @@ def train(
     """
     from deltacli.recipe import load_recipe, recipe_file, with_mask
     from deltacli.render import preview_table, train_summary
-    from deltacli.runs import resume as resume_training
-    from deltacli.runs import train as run_training
+    from deltacli.training.runs import resume as resume_training
+    from deltacli.training.runs import train as run_training
 
     settings: dict[str, str | None] = {"model": model} if model else {}
     if data:
@@ -179,7 +185,7 @@ def evaluate(
     """Score base model + delta on a data set: accuracy, macro-F1 and Matthews correlation,
     or, for generative tasks, loss and perplexity (and with --generate, exact match, ROUGE-L
     and BLEU of generations written beside their references)."""
-    from deltacli.evaluate import GenerationRequest, score_delta
+    from deltacli.commands.evaluate import GenerationRequest, score_delta
     from deltacli.render import metrics_table, print_json
 
     columns = {"text": text, "text_pair": text_pair, "label": label}
@@ -225,10 +231,10 @@ def inspect(
 
     Models are built on the meta device, so no weight is read and any size answers at once.
     """
-    from deltacli.inspection import inspect_delta, inspect_model, recipe_for_model
+    from deltacli.commands.inspection import inspect_delta, inspect_model, recipe_for_model
     from deltacli.recipe import recipe_file
     from deltacli.render import delta_report, model_report, print_json
-    from deltacli.store import is_delta_dir
+    from deltacli.storage.delta_folder import is_delta_dir
 
     if is_delta_dir(Path(target)):
         report = inspect_delta(Path(target))
@@ -246,15 +252,43 @@ def inspect(
             out.print(table)
 
 
-@app.command()
+RECIPES_EXAMPLES = """
+[bold]Examples[/]
+
+  deltacli recipes                      [dim]# the shipped recipes[/]
+  deltacli recipes lora > my.yaml       [dim]# a recipe to edit[/]
+  deltacli recipes --keys lora          [dim]# every key a lora recipe takes, with its help[/]
+  deltacli recipes --keys mam --json
+"""
+
+
+@app.command(epilog=RECIPES_EXAMPLES)
 def recipes(
-    name: Annotated[str | None, typer.Argument(help="Print this recipe's YAML.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Print this recipe's YAML; with --keys, a recipe or a delta kind."),
+    ] = None,
+    keys: Annotated[
+        bool,
+        typer.Option(
+            "--keys",
+            help="List every recipe key (type, range, default, help); the deltas.N keys of "
+            "NAME's kinds, or of every kind without NAME.",
+        ),
+    ] = False,
+    json: Json = False,
 ) -> None:
-    """List the shipped recipes, or print one to copy and edit."""
+    """List the shipped recipes, print one to copy and edit, or explain every key."""
     from rich.table import Table
 
-    from deltacli.recipe import recipe_file, shipped_recipes
+    from deltacli.recipe import recipe_file, recipe_keys, shipped_recipes
 
+    if keys:
+        from deltacli.render import keys_table, print_json
+
+        listed = recipe_keys(name)
+        print_json(out, listed) if json else out.print(keys_table(listed, name))
+        return
     if name:
         # Raw, never through rich: `deltacli recipes lora > my.yaml` must be valid YAML, and
         # rich wraps long lines at 80 columns when stdout is not a terminal.
@@ -309,7 +343,7 @@ def merge(
     deltas. Writes a normal Hugging Face directory (config, tokenizer, shard layout, index).
     Only deltas linear in the weights (LoRA, BitFit, LayerNorm, module-wise, full) fold.
     """
-    from deltacli.merge import merge as run_merge
+    from deltacli.commands.merge import merge as run_merge
     from deltacli.render import merge_summary, print_json
 
     if len(paths) < 3:
@@ -393,9 +427,9 @@ def sparsify(
     (indices + values) and reports how much of the update's norm survives; the task head is
     kept dense. Reads both checkpoints tensor by tensor.
     """
+    from deltacli.commands.sparsify import mask_recipe, masks_from_gradients
+    from deltacli.commands.sparsify import sparsify as run_sparsify
     from deltacli.render import print_json, sparsify_summary
-    from deltacli.sparsify import mask_recipe, masks_from_gradients
-    from deltacli.sparsify import sparsify as run_sparsify
 
     patterns = targets.split(",") if targets else None
     if from_gradients:
@@ -415,7 +449,16 @@ def sparsify(
     base, tuned, output = paths
     columns = {"text": text, "label": label}
     report = run_sparsify(
-        base, tuned, Path(output), density, by, patterns, eval_data, columns, overwrite, err
+        base,
+        tuned,
+        Path(output),
+        density,
+        by=by,
+        targets=patterns,
+        eval_data=eval_data,
+        columns=columns,
+        overwrite=overwrite,
+        console=err,
     )
     if json:
         print_json(out, report)
@@ -478,9 +521,9 @@ def sweep(
 
     Started again, a sweep skips the runs that finished and resumes the one that stopped.
     """
+    from deltacli.commands.report import collect, summarize
+    from deltacli.commands.sweep import Axis, execute, listing, plan, run_recipe, write_plan
     from deltacli.render import print_json, report_table, sweep_table
-    from deltacli.report import collect, summarize
-    from deltacli.sweep import Axis, execute, listing, plan, run_recipe, write_plan
 
     sources = [*(methods.split(",") if methods else []), *map(str, recipes or [])]
     axes = [Axis.parse(text) for text in grid or []]
@@ -534,8 +577,8 @@ def report(
     """Compare runs: per method, the best setting's metric (mean ± std over seeds), the share
     of parameters trained, best lr, speed, memory; plus the accuracy-vs-parameters figure."""
     from deltacli import plots as figures_module
+    from deltacli.commands.report import check_destinations, collect, figures, summarize, write_csv
     from deltacli.render import print_json, report_table
-    from deltacli.report import check_destinations, collect, figures, summarize, write_csv
 
     check_destinations(csv, plots)
     results = collect(paths, metric)
@@ -600,8 +643,8 @@ def subspace_fit(
     encoded solutions, decoded as any of the methods, solves the task; then scores each
     method's own delta beside its point in the subspace.
     """
+    from deltacli.commands.subspace import fit
     from deltacli.render import print_json, subspace_summary
-    from deltacli.subspace import fit
 
     settings = dict(dim=dim, alpha=alpha, lr=lr, steps=steps, batch_size=batch_size, seed=seed)
     summary = fit(deltas, output, eval_rows=eval_rows, overwrite=overwrite, console=err, **settings)
@@ -629,7 +672,7 @@ def subspace_decode(
     The result is a normal delta folder: `deltacli eval`, PEFT (for its methods) and
     `deltacli merge` (for methods linear in the weights) read it.
     """
-    from deltacli.subspace import decode
+    from deltacli.commands.subspace import decode
 
     decode(space, to, output, delta, point, overwrite)
     out.print(f"wrote {output}")
@@ -655,7 +698,7 @@ def subspace_landscape(
     each method's solution marked.
     """
     from deltacli import plots
-    from deltacli.subspace import landscape
+    from deltacli.commands.subspace import landscape
 
     landscape(space, output, data, through, grid, rows, overwrite=overwrite, console=err)
     out.print(f"wrote {output}")
@@ -670,7 +713,7 @@ def _is_main_process() -> bool:
 def main() -> None:
     """Entry point: run the app, turning user errors, usage mistakes and interrupts into one
     line and an exit code (2 for mistakes, 130/143 for Ctrl-C/SIGTERM)."""
-    from deltacli.interrupts import Stopped, raise_on_stop_signals
+    from deltacli.training.interrupts import Stopped, raise_on_stop_signals
 
     raise_on_stop_signals()
     quiet_libraries()

@@ -15,12 +15,12 @@ from typing import Any, Literal
 
 import yaml
 
-from deltacli.deltas import DeltaConfig, kind_class
+from deltacli.config.schema import KeyHelp, build, describe, option, to_dict
+from deltacli.config.sections import DataConfig, TrainConfig
+from deltacli.deltas import KINDS, DeltaConfig, kind_class
 from deltacli.errors import DeltacliError, did_you_mean
-from deltacli.files import read_mapping
-from deltacli.schema import build, option, to_dict
-from deltacli.settings import DataConfig, TrainConfig
-from deltacli.tasks import DEFAULT, TASKS, Task, task
+from deltacli.files.text import read_mapping
+from deltacli.tasks.registry import DEFAULT, TASKS, Task, task
 
 # A `#` at the start or after a space begins a YAML comment (`data.text=#1 String`).
 _YAML_COMMENT = re.compile(r"(^|\s)#")
@@ -68,6 +68,33 @@ def shipped_recipes() -> dict[str, Path]:
     """The recipes that ship with deltacli, by name (`--method NAME`)."""
     folder = importlib.resources.files("deltacli.recipes")
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def recipe_keys(name: str | None = None) -> list[KeyHelp]:
+    """Every key a recipe takes, from the schema itself: the recipe's own and its sections',
+    then `deltas.N.*` for the kinds of `name` (a delta kind, or a shipped recipe's deltas),
+    or for every kind without it (each key's help then starts with its kind)."""
+    listed = describe(Recipe, skip=("deltas",))
+    if name is None:
+        shared = {key.key for key in describe(DeltaConfig, "deltas.N.")}
+        listed += describe(DeltaConfig, "deltas.N.")
+        for kind in sorted(KINDS):
+            for key in describe(kind_class(kind).config_class, "deltas.N."):
+                if key.key not in shared:
+                    listed.append(dataclasses.replace(key, help=f"{kind}: {key.help}"))
+        return listed
+    if name in KINDS:
+        kinds = [kind_class(name).config_class]
+    elif name in shipped_recipes():
+        kinds = [type(config) for config in load_recipe(recipe_file(name, None)).deltas]
+    else:
+        raise DeltacliError(
+            f"{name!r} is neither a delta kind ({', '.join(sorted(KINDS))}) nor a shipped "
+            f"recipe{did_you_mean(name, [*KINDS, *shipped_recipes()])}"
+        )
+    for index, config_class in enumerate(kinds):
+        listed += describe(config_class, f"deltas.{index}.")
+    return listed
 
 
 def recipe_file(method: str | None, path: Path | None) -> Path:

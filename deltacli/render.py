@@ -12,33 +12,29 @@ from rich.table import Table
 from rich.tree import Tree
 
 from deltacli.deltas.targets import collapse_indices
+from deltacli.tasks.metrics import metric as metric_info
+from deltacli.tasks.metrics import metric_rows
 
 if TYPE_CHECKING:  # rendering reads reports; it need not import what produces them
-    from deltacli.inspection import DeltaReport, Group, Layer, ModelReport, Node
-    from deltacli.merge import MergeReport
-    from deltacli.report import MethodRow
-    from deltacli.sparsify import SparsifyReport
-
-METRIC_NAMES = {
-    "accuracy": "accuracy",
-    "f1": "F1 (positive class: {positive_class})",
-    "macro_f1": "macro-F1",
-    "weighted_f1": "weighted F1",
-    "mcc": "Matthews corr.",
-    "perplexity": "perplexity",
-    "exact_match": "exact match",
-    "rouge_l": "ROUGE-L",
-    "bleu": "BLEU",
-}
+    from deltacli.commands.inspection import DeltaReport, Group, Layer, ModelReport, Node
+    from deltacli.commands.merge import MergeReport
+    from deltacli.commands.report import MethodRow
+    from deltacli.commands.sparsify import SparsifyReport
+    from deltacli.config.schema import KeyHelp
 
 
-def metric_rows(metrics: dict) -> list[tuple[str, float]]:
-    """(exact name, value) of each metric present, in a fixed order: F1 says its class."""
-    return [
-        (name.format(positive_class=metrics.get("positive_class", "?")), metrics[key])
-        for key, name in METRIC_NAMES.items()
-        if key in metrics
-    ]
+def keys_table(keys: list[KeyHelp], name: str | None) -> Table:
+    """Every recipe key: how to write it, what it takes, its default, and why it is there."""
+    about = f" for {name}" if name else ""
+    table = Table(
+        title=f"recipe keys{about} (set in YAML or as key=value after the command)",
+        title_justify="left",
+    )
+    for column in ("key", "type", "default", "range", "what it does"):
+        table.add_column(column, style="bold" if column == "key" else None, overflow="fold")
+    for key in keys:
+        table.add_row(key.key, key.type, key.default, key.within, key.help)
+    return table
 
 
 def print_json(console: Console, data: Any) -> None:
@@ -315,8 +311,8 @@ def report_table(rows: list[MethodRow]) -> Table:
             memory += f" / {row.peak_gpu_gib:.1f} GiB GPU"
         table.add_row(
             row.method, f"{row.trainable:,}", f"{row.share:.3f}%",
-            _spread(row.mean, row.std, percent=row.metric != "loss"),
-            str(row.seeds), f"{row.lr:.1e}", f"{row.samples_per_second:.0f}", memory,
+            _spread(row.mean, row.std, percent=metric_info(row.metric).share),
+            str(row.seeds), row.lr, f"{row.samples_per_second:.0f}", memory,
             f"{row.wall_seconds:.0f} s",
         )  # fmt: skip
     return table

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from deltacli.recipe import Recipe, parse_recipe
-from deltacli.tasks import DEFAULT, task
+from deltacli.tasks.registry import DEFAULT, task
 
 POSITIVE = ["good", "great", "fine", "nice", "happy", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "ugly", "dull"]

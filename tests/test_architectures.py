@@ -4,7 +4,6 @@ its outputs once its tensors move, and detaches without a trace."""
 import pytest
 import torch
 
-from deltacli.architectures import ARCHITECTURES
 from deltacli.deltas import KINDS, attach
 from deltacli.deltas.adapter import AdapterConfig
 from deltacli.deltas.ia3 import IA3Config
@@ -14,6 +13,7 @@ from deltacli.deltas.prompt import PromptConfig
 from deltacli.deltas.sift import SiftConfig
 from deltacli.deltas.specify import BitFitConfig, FullConfig, LayerNormConfig, ModulesConfig
 from deltacli.errors import DeltacliError
+from deltacli.models.architectures import ARCHITECTURES
 from helpers import batch, randomize_trainable, tiny_model
 
 # Kinds that train the model's own tensors: detaching leaves the trained values in place.

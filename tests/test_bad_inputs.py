@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from deltacli.outputs import MARKER
-from deltacli.store import WEIGHTS_FILE
+from deltacli.files.outputs import MARKER
+from deltacli.storage.delta_folder import WEIGHTS_FILE
 
 OUT = "out"  # every case's output path, relative to its folder
 
@@ -760,7 +760,7 @@ def fx(tiny_bert, sentiment, tmp_path_factory) -> dict:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from deltacli.runs import train as run_training
+    from deltacli.training.runs import train as run_training
     from helpers import tiny_recipe
 
     folder = tmp_path_factory.mktemp("deltas")
@@ -825,7 +825,7 @@ def test_classification_texts_cut_at_max_length_are_counted(fx, cli, tmp_path):
 def test_disk_full_while_training_keeps_the_checkpoint(fx, cli, tmp_path, monkeypatch):
     """The disk fills as the trained delta is written: the run's last checkpoint survives,
     one line says where, and --resume finishes the run once there is room."""
-    from deltacli import runs
+    from deltacli.training import runs
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from deltacli.card import CARD_FILE
-from deltacli.runs import train
+from deltacli.storage.card import CARD_FILE
+from deltacli.training.runs import train
 from helpers import tiny_recipe
 
 

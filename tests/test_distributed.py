@@ -44,7 +44,7 @@ CHOOSE = """
 import hashlib, json, sys
 import torch
 from deltacli.recipe import parse_recipe
-from deltacli.trainer import Trainer
+from deltacli.training.trainer import Trainer
 
 trainer = Trainer(parse_recipe(json.loads(sys.argv[1])), console=None)
 indices = torch.cat([s.module.sift_indices for s in trainer.deltas.deltas[0].sites.values()])

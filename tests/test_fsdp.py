@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from deltacli.build import prepare_model
 from deltacli.recipe import parse_recipe
-from deltacli.store import WEIGHTS_FILE
+from deltacli.storage.delta_folder import WEIGHTS_FILE
 from helpers import assert_close
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -32,7 +32,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from deltacli.build import prepare_model
 from deltacli.recipe import parse_recipe
-from deltacli.store import save_delta
+from deltacli.storage.delta_folder import save_delta
 
 dist.init_process_group("gloo")
 recipe = parse_recipe(json.loads(sys.argv[1]))
@@ -41,7 +41,7 @@ model, deltas = prepare_model(recipe)
 for layer in model.model.layers:
     fully_shard(layer)
 fully_shard(model)
-deltas.rebind(model)
+deltas.follow_sharded(model)
 assert all(isinstance(p, DTensor) for p in deltas.parameters().values())
 steps(model, deltas)
 import pathlib

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from deltacli.commands.merge import merge
 from deltacli.deltas import attach
 from deltacli.deltas.prefix import PrefixConfig
 from deltacli.deltas.prompt import PromptConfig
-from deltacli.evaluate import generate
-from deltacli.merge import merge
-from deltacli.store import save_delta
+from deltacli.storage.delta_folder import save_delta
+from deltacli.tasks.evaluation import generate
 from helpers import perturbed, tiny_recipe
 
 PROMPTS = [

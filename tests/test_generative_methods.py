@@ -3,9 +3,9 @@
 import pytest
 
 from deltacli.errors import DeltacliError
-from deltacli.evaluate import evaluate
-from deltacli.logs import MetricsLog
-from deltacli.trainer import Trainer
+from deltacli.tasks.evaluation import evaluate
+from deltacli.training.logs import MetricsLog
+from deltacli.training.trainer import Trainer
 from helpers import tiny_recipe
 
 LLAMA_METHODS = {

@@ -6,7 +6,7 @@ import pytest
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from deltacli.inspection import inspect_delta, inspect_model
+from deltacli.commands.inspection import inspect_delta, inspect_model
 from deltacli.recipe import parse_recipe
 
 LLAMA_2_70B = {

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deltacli.data import load_table
+from deltacli.config.sections import DataConfig
 from deltacli.errors import DeltacliError
 from deltacli.labels import IGNORE
-from deltacli.lm_data import encode_causal, pack
-from deltacli.settings import DataConfig
+from deltacli.tasks.generation import encode_causal, pack
+from deltacli.tasks.tables import load_table
 from helpers import assert_close, instruction_rows, word_tokenizer
 
 
@@ -59,7 +59,7 @@ CHAT = (
 
 
 def test_chat_rendering_matches_the_template_and_learns_only_assistant_turns():
-    from deltacli.lm_data import render
+    from deltacli.tasks.generation import render
 
     tokenizer = word_tokenizer()
     tokenizer.chat_template = CHAT

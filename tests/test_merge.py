@@ -9,12 +9,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertModel
 
 from deltacli.build import prepare_model
+from deltacli.commands.merge import INDEX_FILE, merge
 from deltacli.deltas.specify import BitFit
 from deltacli.errors import DeltacliError, VerificationError
-from deltacli.merge import INDEX_FILE, merge
+from deltacli.models.shards import ShardWriter
 from deltacli.recipe import parse_recipe
-from deltacli.shards import ShardWriter
-from deltacli.store import read_delta, save_delta
+from deltacli.storage.delta_folder import read_delta, save_delta
 from helpers import assert_close, logits64, randomize_trainable, tiny_config
 
 METHODS = {

@@ -6,7 +6,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from deltacli.render import metric_rows
-from deltacli.scoring import classification_metrics, positive_class
+from deltacli.tasks.scoring import classification_metrics, positive_class
 
 # A fixed binary prediction set (MRPC-like: mostly positive), on which macro- and GLUE F1 differ.
 TRUTH = [1, 1, 1, 0, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1]

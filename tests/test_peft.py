@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from deltacli.build import prepare_model
+from deltacli.commands.evaluate import score_delta
+from deltacli.commands.inspection import inspect_model
 from deltacli.deltas import attach
 from deltacli.deltas.prefix import PrefixConfig
-from deltacli.evaluate import score_delta
-from deltacli.inspection import inspect_model
 from deltacli.recipe import parse_recipe
-from deltacli.store import read_delta, save_delta
+from deltacli.storage.delta_folder import read_delta, save_delta
 from helpers import (
     assert_close,
     batch,
@@ -142,7 +142,7 @@ def test_prefix_layout_is_peft_s(tmp_path, projection):
     ours = AutoModelForCausalLM.from_config(config).eval()
     ours.load_state_dict(peft_model.get_base_model().state_dict())
     deltas = attach(ours, [PrefixConfig(length=4)], None)
-    deltas.load_state_dict({"prefix_encoder.embedding.weight": folded})
+    deltas.set_values({"prefix_encoder.embedding.weight": folded})
     ids = {"input_ids": torch.randint(5, 60, (2, 7))}
     expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_config(config).eval(), tmp_path)
     expected.get_base_model().load_state_dict(peft_model.get_base_model().state_dict())

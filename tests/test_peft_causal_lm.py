@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from deltacli.build import prepare_model
-from deltacli.store import read_delta, save_delta
+from deltacli.storage.delta_folder import read_delta, save_delta
 from helpers import assert_close, logits64, perturbed, randomize_trainable, tiny_recipe
 
 

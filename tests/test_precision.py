@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from deltacli.build import prepare_model
-from deltacli.evaluate import evaluate, score_delta
-from deltacli.inspection import inspect_model
-from deltacli.logs import MetricsLog
-from deltacli.merge import merge
-from deltacli.runs import train
-from deltacli.store import WEIGHTS_FILE, read_delta
-from deltacli.trainer import Trainer
+from deltacli.commands.evaluate import score_delta
+from deltacli.commands.inspection import inspect_model
+from deltacli.commands.merge import merge
+from deltacli.storage.delta_folder import WEIGHTS_FILE, read_delta
+from deltacli.tasks.evaluation import evaluate
+from deltacli.training.logs import MetricsLog
+from deltacli.training.runs import train
+from deltacli.training.trainer import Trainer
 from helpers import assert_close, tiny_recipe
 
 SHARED = {
@@ -127,7 +128,7 @@ def test_the_avx512bf16_branch_repacks_a_plain_quantised_model_in_eval(tiny_llam
     narrower than its blocks: the tiny model's 32-wide ones)."""
     from transformers import AutoModelForCausalLM
 
-    from deltacli.models import quantization
+    from deltacli.models.loading import quantization
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, **quantization("nf4", None)).eval()
     ids = torch.randint(4, 40, (1, 5))
@@ -157,7 +158,7 @@ def test_a_quantised_classifier_keeps_its_head_in_full_precision_and_trains(
 def test_a_qlora_delta_loads_in_peft_on_the_quantised_base_and_merges_only_in_full_precision(
     tiny_llama, instructions, tmp_path, cli, cpu_branch
 ):
-    from deltacli.models import keep_training_layout, quantization
+    from deltacli.models.loading import keep_training_layout, quantization
 
     recipe = tiny_recipe(
         tiny_llama,

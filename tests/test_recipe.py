@@ -98,7 +98,7 @@ NEEDS_A_FILE = {"subspace"}
 
 @pytest.mark.parametrize("name", sorted(set(shipped_recipes()) - NEEDS_A_FILE))
 def test_every_shipped_recipe_attaches_to_a_model_of_its_task(name, tiny_bert, tiny_llama):
-    from deltacli.inspection import inspect_model
+    from deltacli.commands.inspection import inspect_model
 
     task = load_recipe(recipe_file(name, None)).task
     model = tiny_bert if task == "sequence-classification" else tiny_llama

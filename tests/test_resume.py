@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deltacli.outputs import MARKER
-from deltacli.store import WEIGHTS_FILE
+from deltacli.files.outputs import MARKER
+from deltacli.storage.delta_folder import WEIGHTS_FILE
 from helpers import ACCELERATE, launcher, run_offline
 
 # Runs the CLI, first making the process stop itself right after the training log records
 # step K: `kill` sends SIGKILL (nothing can run after it), `int` SIGINT (Ctrl-C).
 STOPPING = """
 import os, signal, sys
-from deltacli import logs
+from deltacli.training import logs
 from deltacli.cli import main
 
 how, at = sys.argv.pop(1), int(sys.argv.pop(1))

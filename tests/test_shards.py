@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltacli.errors import DeltacliError
-from deltacli.shards import ShardReader, ShardWriter, TensorInfo
+from deltacli.models.shards import ShardReader, ShardWriter, TensorInfo
 
 TENSORS = {
     "w": torch.randn(3, 4),

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from deltacli.build import prepare_model
+from deltacli.commands.merge import merge
 from deltacli.deltas import attach
 from deltacli.deltas.sift import SiftConfig
-from deltacli.logs import MetricsLog
-from deltacli.merge import merge
-from deltacli.runs import train
-from deltacli.store import read_delta
-from deltacli.trainer import Trainer
+from deltacli.storage.delta_folder import read_delta
+from deltacli.training.logs import MetricsLog
+from deltacli.training.runs import train
+from deltacli.training.trainer import Trainer
 from helpers import assert_close, logits64, tiny_recipe
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
@@ -171,7 +171,7 @@ def test_saved_sparse_delta_reloads_and_merges_to_the_trained_logits(
 
 
 def test_inspect_reports_density_per_matrix(tiny_bert, sentiment, tmp_path):
-    from deltacli.inspection import inspect_delta
+    from deltacli.commands.inspection import inspect_delta
 
     result = train(
         tiny_recipe(tiny_bert, sentiment, sift(density=0.02), max_steps=1), tmp_path / "delta"
@@ -200,7 +200,7 @@ def test_detach_restores_the_base_weights(tiny_bert, sentiment):
 
 
 def test_sift_attaches_on_meta_with_k_per_matrix(tiny_bert):
-    from deltacli.models import build_on_meta
+    from deltacli.models.loading import build_on_meta
 
     model = build_on_meta(str(tiny_bert), "sequence-classification", None)
     deltas = attach(model, [SiftConfig(density=0.01, targets=["all-linear"])], None)

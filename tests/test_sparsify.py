@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from deltacli.build import prepare_model
-from deltacli.runs import train
-from deltacli.sparsify import sparsify
-from deltacli.store import read_delta
+from deltacli.commands.sparsify import sparsify
+from deltacli.storage.delta_folder import read_delta
+from deltacli.training.runs import train
 from helpers import assert_close, logits64, tiny_recipe
 
 

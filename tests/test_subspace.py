@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from deltacli.build import prepare_model, resolved_recipe
+from deltacli.commands.subspace import decode, fit, landscape
 from deltacli.deltas.subspace import read_space
 from deltacli.recipe import parse_recipe, recipe_to_dict
-from deltacli.runs import train
-from deltacli.store import WEIGHTS_FILE, read_delta
-from deltacli.subspace import decode, fit, landscape
+from deltacli.storage.delta_folder import WEIGHTS_FILE, read_delta
+from deltacli.training.runs import train
 from helpers import assert_close, batch, logits64, tiny_recipe
 
 METHODS = {

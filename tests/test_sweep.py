@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from deltacli.outputs import MARKER
-from deltacli.sweep import PLAN_FILE
+from deltacli.commands.sweep import PLAN_FILE
+from deltacli.files.outputs import MARKER
 from helpers import run_offline
 
 # The CLI, killed (SIGKILL) once the training log of its `K`-th run records step 2.
 KILLING = """
 import os, signal, sys
-from deltacli import logs
+from deltacli.training import logs
 from deltacli.cli import main
 
 at, runs = int(sys.argv.pop(1)), []

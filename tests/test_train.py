@@ -6,14 +6,15 @@ import pytest
 import torch
 import yaml
 
-from deltacli import trainer as trainer_module
-from deltacli.data import load_table
+from deltacli.commands.evaluate import score_delta
 from deltacli.errors import DeltacliError
-from deltacli.evaluate import evaluate, score_delta
-from deltacli.logs import MetricsLog
-from deltacli.runs import train
-from deltacli.store import LOG_FILE, METRICS_FILE, RECIPE_FILE
-from deltacli.trainer import Throughput, Trainer
+from deltacli.storage.delta_folder import LOG_FILE, METRICS_FILE, RECIPE_FILE
+from deltacli.tasks.evaluation import evaluate
+from deltacli.tasks.tables import load_table
+from deltacli.training import trainer as trainer_module
+from deltacli.training.logs import MetricsLog
+from deltacli.training.runs import train
+from deltacli.training.trainer import Throughput, Trainer
 from helpers import tiny_recipe
 
 METHODS = {
@@ -158,7 +159,7 @@ def test_a_crash_leaves_nothing_that_looks_complete(tiny_bert, sentiment, tmp_pa
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr("deltacli.trainer.evaluate", broken)
+    monkeypatch.setattr("deltacli.training.trainer.evaluate", broken)
     recipe = tiny_recipe(tiny_bert, sentiment, METHODS["lora"], max_steps=1)
     with pytest.raises(RuntimeError, match="disk on fire"):
         train(recipe, tmp_path / "out")
@@ -200,7 +201,7 @@ def test_a_delta_s_own_lr_overrides_train_lr(tiny_bert, sentiment, tmp_path):
     """MAM's prefix and adapter want learning rates 10× apart: each delta may set its own."""
     from transformers import AutoModelForSequenceClassification
 
-    from deltacli.store import read_delta
+    from deltacli.storage.delta_folder import read_delta
 
     still = {"kind": "lora", "r": 2, "lr": 1e-12}
     train(tiny_recipe(tiny_bert, sentiment, still, {"kind": "bitfit"}, epochs=1), tmp_path / "r")

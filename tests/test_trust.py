@@ -14,8 +14,8 @@ import pytest
 import yaml
 from safetensors import SafetensorError
 
-from deltacli.outputs import MARKER
-from deltacli.store import RECIPE_FILE
+from deltacli.files.outputs import MARKER
+from deltacli.storage.delta_folder import RECIPE_FILE
 from helpers import write_csv
 
 OUT = "out"
@@ -30,7 +30,7 @@ def train_args(fx: dict, out: Path, *extra: str) -> list:
 
 @pytest.fixture(scope="module")
 def fx(tiny_bert, sentiment, tmp_path_factory) -> dict:
-    from deltacli.runs import train
+    from deltacli.training.runs import train
     from helpers import tiny_recipe
 
     folder = tmp_path_factory.mktemp("trust")
@@ -51,7 +51,7 @@ def one_error_line(err: str, message: str, label: str = "error") -> None:
 
 def interrupted_run(fx, cli, monkeypatch, out: Path, *extra: str) -> None:
     """A run whose final write failed after a checkpoint: it leaves a resumable scratch."""
-    from deltacli import runs
+    from deltacli.training import runs
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -75,7 +75,7 @@ def test_resume_does_not_replace_a_newer_finished_run(fx, cli, monkeypatch, tmp_
 
 def test_a_run_that_finds_its_output_taken_at_the_end_keeps_both(fx, cli, monkeypatch, tmp_path):
     """Two runs writing one -o at once: the second to finish must not replace the first."""
-    from deltacli import runs
+    from deltacli.training import runs
 
     real = runs.save_delta
 
@@ -159,7 +159,7 @@ def test_a_sweep_folder_refuses_other_data_instead_of_calling_it_done(fx, cli, t
 def failing_write(monkeypatch, name_part: str) -> None:
     """safetensors fails (a full disk, as it reports it) when writing a file whose name
     holds `name_part`; other files are written."""
-    from deltacli import tensor_files
+    from deltacli.files import tensors as tensor_files
 
     real = tensor_files.save_file
 
@@ -242,8 +242,8 @@ def test_library_log_lines_are_kept_off_stderr(capsys):
 def test_a_second_ctrl_c_says_the_checkpoint_is_kept_and_how_to_resume(
     fx, cli, monkeypatch, tmp_path
 ):
-    from deltacli.interrupts import Stopped
-    from deltacli.trainer import Trainer
+    from deltacli.training.interrupts import Stopped
+    from deltacli.training.trainer import Trainer
 
     real = Trainer._step
 

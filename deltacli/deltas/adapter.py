@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deltacli.architectures import architecture
+from deltacli.config.schema import AT_LEAST_ONE, option
 from deltacli.deltas.base import Delta, DeltaConfig, register, trainable_like
 from deltacli.deltas.targets import (
     features,
@@ -28,7 +28,7 @@ from deltacli.deltas.targets import (
     select,
 )
 from deltacli.errors import DeltacliError
-from deltacli.schema import AT_LEAST_ONE, option
+from deltacli.models.architectures import architecture
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 

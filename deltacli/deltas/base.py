@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from deltacli.config.schema import POSITIVE, check_ranges, option
 from deltacli.errors import DeltacliError, did_you_mean
-from deltacli.precision import trainable_dtype
-from deltacli.schema import POSITIVE, check_ranges, option
+from deltacli.models.precision import trainable_dtype
 
 Increment = Callable[[torch.Tensor], torch.Tensor]
 
@@ -234,10 +234,18 @@ class DeltaSet:
     head is kept apart because PEFT saves it as `modules_to_save`, not as part of a method.
     """
 
-    def __init__(self, model: nn.Module, deltas: list[Delta], head: Delta | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        deltas: list[Delta],
+        head: Delta | None,
+        trainable_before: dict[nn.Parameter, bool] | None = None,
+    ) -> None:
         self.model = model
         self.deltas = deltas
         self.head = head
+        # Which base parameters trained before `attach` froze the model: `detach` restores it.
+        self.trainable_before = trainable_before or {}
 
     @property
     def members(self) -> list[Delta]:
@@ -255,7 +263,7 @@ class DeltaSet:
         epoch; under FSDP every process must call this)."""
         return {name: whole(p) for name, p in self.parameters().items()}
 
-    def rebind(self, model: nn.Module) -> None:
+    def follow_sharded(self, model: nn.Module) -> None:
         """Point every member at the parameters `model` holds now: FSDP replaces them with
         sharded ones when it wraps the model (same names, new objects)."""
         for delta in self.members:
@@ -287,7 +295,7 @@ class DeltaSet:
         """Saved tensor name -> key in `adapter_model.safetensors` (for loading)."""
         return {name: self._key(d, name) for d in self.members for name in d.saved_names()}
 
-    def load(self, values: dict[str, torch.Tensor]) -> None:
+    def load_saved(self, values: dict[str, torch.Tensor]) -> None:
         """Take a saved delta's tensors (by name) back into every member."""
         for delta in self.members:
             delta.load({name: values[name] for name in delta.saved_names()})
@@ -318,13 +326,13 @@ class DeltaSet:
         extra = {k: v for delta in self.members for k, v in delta.extra_state().items()}
         return {**self.state_dict(), **extra}
 
-    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+    def restore_checkpoint(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take `checkpoint_state` back."""
         for delta in self.members:
             delta.load_extra_state({name: tensors[name] for name in delta.extra_state()})
-        self.load_state_dict(tensors)
+        self.set_values(tensors)
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+    def set_values(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy values in: one whole tensor for every trainable parameter, of its shape."""
         with torch.no_grad():
             for name, param in self.parameters().items():
@@ -333,6 +341,19 @@ class DeltaSet:
     def detach(self) -> None:
         for delta in reversed(self.members):
             delta.detach()
+        for param, trainable in self.trainable_before.items():
+            param.requires_grad_(trainable)
+
+
+class PromptLearning(Delta):
+    """A delta PEFT stores as prompt learning (prefix and prompt tuning): one tensor,
+    `prompt_embeddings`, and the head under PEFT's prompt-learning prefix."""
+
+    def peft_key(self, name: str) -> str:
+        return "prompt_embeddings"
+
+    def head_key(self, name: str) -> str:
+        return PEFT_PROMPT_LEARNING_PREFIX + name
 
 
 class NameTaken(Exception):
@@ -351,6 +372,7 @@ def _claim(owner: nn.Module, name: str) -> None:
 
 def attach(model: nn.Module, configs: list[DeltaConfig], head: DeltaConfig | None) -> DeltaSet:
     """Freeze `model`, attach each delta in order, and unfreeze exactly what they train."""
+    trainable_before = {param: param.requires_grad for param in model.parameters()}
     model.requires_grad_(False)
     deltas = [kind_class(c.kind)(c) for c in configs]
     head_delta = kind_class(head.kind)(head) if head else None
@@ -366,4 +388,4 @@ def attach(model: nn.Module, configs: list[DeltaConfig], head: DeltaConfig | Non
             ) from None
         for param in delta.params.values():
             param.requires_grad_(True)
-    return DeltaSet(model, deltas, head_delta)
+    return DeltaSet(model, deltas, head_delta, trainable_before)

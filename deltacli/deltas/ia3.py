@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from deltacli.architectures import architecture
+from deltacli.config.schema import option
 from deltacli.deltas.base import (
     Delta,
     DeltaConfig,
@@ -33,7 +33,7 @@ from deltacli.deltas.targets import (
     modules_by_name,
     select,
 )
-from deltacli.schema import option
+from deltacli.models.architectures import architecture
 
 # The roles IA3 rescales when a recipe names none (PEFT's presets, which the architecture
 # table overrides where PEFT departs from them), and of those the feed-forward ones.

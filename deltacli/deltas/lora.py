@@ -18,6 +18,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from deltacli.config.schema import AT_LEAST_ONE, FRACTION, option
 from deltacli.deltas.base import (
     Delta,
     DeltaConfig,
@@ -33,7 +34,6 @@ from deltacli.deltas.targets import (
     minimal_suffixes,
     modules_by_name,
 )
-from deltacli.schema import AT_LEAST_ONE, FRACTION, option
 
 # The roles LoRA targets when a recipe names none: PEFT's defaults, so counts agree.
 ROLES = ("query", "value")

@@ -24,18 +24,17 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from deltacli.architectures import architecture
+from deltacli.config.schema import AT_LEAST_ONE, option
 from deltacli.deltas.base import (
-    PEFT_PROMPT_LEARNING_PREFIX,
-    Delta,
     DeltaConfig,
+    PromptLearning,
     register,
     trainable_like,
     whole,
 )
 from deltacli.deltas.targets import modules_by_name, select
 from deltacli.errors import DeltacliError
-from deltacli.schema import AT_LEAST_ONE, option
+from deltacli.models.architectures import architecture
 
 ATTENTION = "deltacli_prefix"
 # attention module -> the Prefix delta that feeds it, and its layer's position in the stack
@@ -102,7 +101,7 @@ class PrefixEncoder(nn.Module):
 
 
 @register
-class Prefix(Delta):
+class Prefix(PromptLearning):
     kind = "prefix"
     config_class = PrefixConfig
     peft_type = "PREFIX_TUNING"
@@ -183,12 +182,6 @@ class Prefix(Delta):
             folded = functional_call(self.encoder, whole_params, ()).detach()
         config = dataclasses.replace(self.config, projection=None)
         return config, {"prefix_encoder.embedding.weight": folded}
-
-    def peft_key(self, name: str) -> str:
-        return "prompt_embeddings"
-
-    def head_key(self, name: str) -> str:
-        return PEFT_PROMPT_LEARNING_PREFIX + name
 
     def peft_config(self, model: nn.Module) -> dict:
         width = self.kv_heads * self.head_dim

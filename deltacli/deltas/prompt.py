@@ -19,16 +19,15 @@ from typing import Literal
 import torch
 from torch import nn
 
+from deltacli.config.schema import AT_LEAST_ONE, option
 from deltacli.deltas.base import (
-    PEFT_PROMPT_LEARNING_PREFIX,
-    Delta,
     DeltaConfig,
+    PromptLearning,
     register,
     trainable_like,
 )
 from deltacli.errors import DeltacliError
 from deltacli.labels import IGNORE
-from deltacli.schema import AT_LEAST_ONE, option
 
 
 @dataclasses.dataclass
@@ -40,7 +39,7 @@ class PromptConfig(DeltaConfig):
 
 
 @register
-class Prompt(Delta):
+class Prompt(PromptLearning):
     kind = "prompt"
     config_class = PromptConfig
     peft_type = "PROMPT_TUNING"
@@ -95,12 +94,6 @@ class Prompt(Delta):
         if self.causal and not token_labels and kwargs.get("attention_mask") is not None:
             kwargs = _padding_first(kwargs)
         return (), kwargs
-
-    def peft_key(self, name: str) -> str:
-        return "prompt_embeddings"
-
-    def head_key(self, name: str) -> str:
-        return PEFT_PROMPT_LEARNING_PREFIX + name
 
     def peft_config(self, model: nn.Module) -> dict:
         config = model.config

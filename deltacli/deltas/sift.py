@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from deltacli.config.schema import AT_LEAST_ONE, DENSITY, option
 from deltacli.deltas.base import (
     PEFT_PREFIX,
     Delta,
@@ -35,7 +36,6 @@ from deltacli.deltas.base import (
 )
 from deltacli.deltas.targets import is_transposed, linear_targets, modules_by_name
 from deltacli.errors import DeltacliError
-from deltacli.schema import AT_LEAST_ONE, DENSITY, option
 
 # SIFT's GLUE setting: the attention projections q, k, v, o.
 ROLES = ("query", "key", "value", "output")

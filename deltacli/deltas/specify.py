@@ -18,6 +18,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from deltacli.config.schema import option
 from deltacli.deltas.base import (
     PEFT_PREFIX,
     Delta,
@@ -28,8 +29,7 @@ from deltacli.deltas.base import (
 )
 from deltacli.deltas.targets import in_layers, is_linear, layer_count, minimal_suffixes, select
 from deltacli.errors import DeltacliError
-from deltacli.precision import trainable_dtype
-from deltacli.schema import option
+from deltacli.models.precision import trainable_dtype
 
 
 @dataclasses.dataclass
@@ -90,14 +90,17 @@ class Specify(Delta):
         modules = dict(model.named_modules())
         for name in names:
             owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
-            _train_in_full_precision(name, params[name], owner)
+            for tensor, dtype in _train_in_full_precision(name, params[name], owner):
+                self.on_detach(partial(_recast, tensor, dtype))
         self.params = {name: params[name] for name in names}
 
     def delta_weights(self, values: dict[str, torch.Tensor]) -> dict[str, Increment]:
         return {name: partial(_replacement, values[name].float()) for name in self.params}
 
 
-def _train_in_full_precision(name: str, param: nn.Parameter, owner: nn.Module) -> None:
+def _train_in_full_precision(
+    name: str, param: nn.Parameter, owner: nn.Module
+) -> list[tuple[torch.Tensor, torch.dtype]]:
     """A specified weight trains in float32 over a half-precision base (its updates would
     round away in bf16); a quantised weight cannot train at all. Autocast casts a linear
     layer's tensors to one type, but runs normalisations in their own, so a norm's other
@@ -109,9 +112,17 @@ def _train_in_full_precision(name: str, param: nn.Parameter, owner: nn.Module) -
         )
     dtype = trainable_dtype(param)
     together = [param] if is_linear(owner) else list(owner.parameters(recurse=False))
+    recast = []
     for tensor in together:
         if tensor.dtype != dtype and tensor.is_floating_point():
+            recast.append((tensor, tensor.dtype))
             tensor.data = tensor.data.to(dtype)
+    return recast
+
+
+def _recast(tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """Undo `_train_in_full_precision` for one tensor (what `detach` calls)."""
+    tensor.data = tensor.data.to(dtype)
 
 
 def _replacement(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from deltacli.config.schema import build, option
 from deltacli.deltas.base import Delta, DeltaConfig, kind_class, register
 from deltacli.errors import DeltacliError
-from deltacli.files import read_mapping
-from deltacli.schema import build, option
-from deltacli.tensor_files import load_tensors
+from deltacli.files.tensors import load_tensors
+from deltacli.files.text import read_mapping
 
 SPACE_FILE = "subspace.json"
 TENSORS_FILE = "subspace.safetensors"

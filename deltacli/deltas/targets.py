@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from deltacli.architectures import HEADS, LM_HEADS, architecture
 from deltacli.errors import DeltacliError
+from deltacli.models.architectures import HEADS, LM_HEADS, architecture
 
 # Top-level modules that are a task or LM head: never targets of `all-linear`.
 _HEADS = (*HEADS, *LM_HEADS)

@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from deltacli import __version__
+from deltacli.config.schema import to_dict
 from deltacli.recipe import Recipe
-from deltacli.render import METRIC_NAMES
-from deltacli.schema import to_dict
+from deltacli.tasks.metrics import METRICS
 
 CARD_FILE = "README.md"
 # Metrics a card's history table shows, in order, with the exact names every table uses.
-_COLUMNS = {"loss": "loss", **METRIC_NAMES}
+_COLUMNS = {"loss": "loss", **{name: m.display for name, m in METRICS.items()}}
 
 
 def model_card(recipe: Recipe, metrics: dict | None, peft: dict | None, home: Path | None) -> str:
@@ -124,7 +124,7 @@ def _deltacli_snippet(where: str) -> list[str]:
         "from pathlib import Path",
         "",
         "from deltacli.build import prepare_model",
-        "from deltacli.store import read_delta",
+        "from deltacli.storage.delta_folder import read_delta",
         "",
         f"saved = read_delta(Path({where!r}))",
         "model, deltas = prepare_model(saved.recipe)",

@@ -27,7 +27,6 @@ from torch import nn
 from torch.func import functional_call
 
 from deltacli.build import prepare_model, resolved_recipe, save_values
-from deltacli.data import batches, load_table
 from deltacli.deltas import DeltaSet
 from deltacli.deltas.subspace import (
     SPACE_FILE,
@@ -39,14 +38,16 @@ from deltacli.deltas.subspace import (
     read_space,
 )
 from deltacli.errors import DeltacliError
-from deltacli.evaluate import evaluate
-from deltacli.logs import MetricsLog, progress_bars
-from deltacli.models import load_tokenizer
-from deltacli.outputs import atomic_dir, check_apart, check_output, notice_on
+from deltacli.files.outputs import atomic_dir, check_apart, check_output, notice_on
+from deltacli.files.tensors import save_tensors
+from deltacli.models.loading import load_tokenizer
 from deltacli.recipe import Recipe, parse_recipe, recipe_to_dict
-from deltacli.runtime import make_accelerator
-from deltacli.store import LOG_FILE, read_delta
-from deltacli.tensor_files import save_tensors
+from deltacli.storage.delta_folder import LOG_FILE, SavedDelta, read_delta
+from deltacli.tasks.evaluation import evaluate
+from deltacli.tasks.tables import batches, load_table
+from deltacli.training.logs import MetricsLog, progress_bars
+from deltacli.training.runtime import make_accelerator
+from deltacli.training.session import Session, open_session
 
 LANDSCAPE_FILE = "landscape.json"
 LANDSCAPE_FIGURE = "landscape.png"
@@ -79,10 +80,14 @@ class Fitted:
         return functional_call(self.model, self.values(point), (), batch).loss
 
 
-def _fitted(folder: Path, name: str, dim: int) -> Fitted:
-    saved = read_delta(folder)
-    recipe = resolved_recipe(saved)
-    model, deltas = prepare_model(recipe)
+def _fitted(saved: SavedDelta, name: str, dim: int, prepared: Session | None = None) -> Fitted:
+    """One method's solution, with a fresh encoder and decoder; its model with the delta is
+    `prepared`'s where the session already built it."""
+    if prepared is None:
+        recipe = resolved_recipe(saved)
+        model, deltas = prepare_model(recipe)
+    else:
+        recipe, model, deltas = prepared.recipe, prepared.model, prepared.deltas
     head = set(deltas.head.params) if deltas.head else set()  # BitFit's classifier bias
     params = {n: p for d in deltas.deltas for n, p in d.params.items() if n not in head}
     keys = deltas.keys()
@@ -156,8 +161,13 @@ def fit(
         raise DeltacliError("a subspace is fitted to deltas of at least two methods")
     torch.manual_seed(seed)
     names = _names(folders)
-    fitted = [_fitted(f, n, dim) for f, n in zip(folders, names, strict=True)]
-    first = fitted[0].recipe
+    saved = [read_delta(folder) for folder in folders]
+    first = resolved_recipe(saved[0])
+    session = open_session(
+        dataclasses.replace(first, train=dataclasses.replace(first.train, seed=seed))
+    )
+    fitted = [_fitted(saved[0], names[0], dim, session)]
+    fitted += [_fitted(s, n, dim) for s, n in zip(saved[1:], names[1:], strict=True)]
     for other, folder in zip(fitted[1:], folders[1:], strict=True):
         if (other.recipe.model, other.recipe.task) != (first.model, first.task):
             raise DeltacliError(
@@ -171,10 +181,8 @@ def fit(
                     f"{folder} was trained with data.{key}={theirs}, {folders[0]} with "
                     f"data.{key}={ours}: fit deltas trained on the same data and labels"
                 )
-    tokenizer = load_tokenizer(first.model)
-    task = first.task_entry
-    data = task.load_data(first.data, tokenizer, seed)
-    loader = batches(data.train, task.collate(tokenizer, data.train), batch_size, True, seed)
+    tokenizer, task, data = session.tokenizer, session.task, session.data
+    loader = session.batches(data.train, batch_size, shuffle=True)
     weights = [p for f in fitted for m in (f.encoder, f.decoder) for p in m.parameters()]
     optimizer = torch.optim.Adam(weights, lr=lr)
     rng = random.Random(seed)
@@ -257,10 +265,10 @@ def _score_points(
                 decoded = f.decoder(f.encode())
                 distance = float(torch.linalg.vector_norm(f.theta - decoded) / f.theta.norm())
                 trained = {n: p.detach().clone() for n, p in f.deltas.parameters().items()}
-                f.deltas.load_state_dict({**trained, **f.method.split(f.initial + decoded)})
+                f.deltas.set_values({**trained, **f.method.split(f.initial + decoded)})
             at_point = evaluate(f.model, loader, accelerator, task, labels)
             with torch.no_grad():
-                f.deltas.load_state_dict(trained)
+                f.deltas.set_values(trained)
             progress.advance(bar)
             scores[f.method.name] = {
                 "parameters": f.method.size,

@@ -7,6 +7,7 @@ plain Hugging Face directory inside site-packages), so training works with no Hu
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import re
 from pathlib import Path
@@ -17,12 +18,12 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer
 
-from deltacli.architectures import HEADS, LM_HEADS
-from deltacli.checkpoint import check_files
 from deltacli.errors import DeltacliError
-from deltacli.precision import base_dtype
-from deltacli.tasks import inferred
-from deltacli.tasks import task as task_entry
+from deltacli.models.architectures import HEADS, LM_HEADS
+from deltacli.models.precision import base_dtype
+from deltacli.models.weights import check_files
+from deltacli.tasks.registry import inferred
+from deltacli.tasks.registry import task as task_entry
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -129,19 +130,26 @@ def _from_hub(loader, spec: str, **kwargs):
 
 
 def load_config(spec: str, labels: list | None = None) -> transformers.PretrainedConfig:
-    label_fields = {}
-    if labels is not None:
-        names = [str(label) for label in labels]
-        label_fields = {
-            "num_labels": len(names),
-            "id2label": dict(enumerate(names)),
-            "label2id": {name: i for i, name in enumerate(names)},
-        }
-    config = _from_hub(AutoConfig.from_pretrained, spec, **label_fields)
+    """The model's config, sized for `labels` where given (the head's rows and names)."""
+    config = _from_hub(AutoConfig.from_pretrained, spec)
     if getattr(config, "pad_token_id", None) is None and hasattr(config, "eos_token_id"):
         eos = config.eos_token_id
         config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-    return config
+    return with_labels(config, labels)
+
+
+def with_labels(
+    config: transformers.PretrainedConfig, labels: list | None
+) -> transformers.PretrainedConfig:
+    """A copy of `config` whose head has `labels` (in id order); itself without labels."""
+    if labels is None:
+        return config
+    names = [str(label) for label in labels]
+    labelled = copy.deepcopy(config)
+    labelled.num_labels = len(names)
+    labelled.id2label = dict(enumerate(names))
+    labelled.label2id = {name: i for i, name in enumerate(names)}
+    return labelled
 
 
 def saved_task(spec: str) -> str | None:
@@ -180,17 +188,21 @@ def load_model(
     dtype: str = "fp32",
     quantize: str | None = None,
     device: torch.device | None = None,
+    stored: torch.dtype | None = None,
+    config: transformers.PretrainedConfig | None = None,
 ) -> transformers.PreTrainedModel:
     """The model with its pretrained weights (the head, if new, is initialised), stored in
     the `dtype` the recipe asks for (`auto`: see `precision.base_dtype`) on the CPU, or,
-    with `quantize`, its linear layers in 4 or 8 bits on `device` (bitsandbytes)."""
+    with `quantize`, its linear layers in 4 or 8 bits on `device` (bitsandbytes). A caller
+    that already decided the dtype (`stored`) and read the config (`config`, labelled)
+    passes them, so neither is done twice."""
     _refuse_bare_config(spec)
     folder = Path(resolve(spec))
     if folder.is_dir():
         check_files(folder)
-    config = load_config(spec, labels)
+    config = config or load_config(spec, labels)
     gpu = device is not None and device.type == "cuda"
-    options = {"dtype": base_dtype(dtype, checkpoint_dtype(config), gpu)}
+    options = {"dtype": stored or base_dtype(dtype, checkpoint_dtype(config), gpu)}
     if quantize:
         options |= quantization(quantize, device)
     model_class = task_entry(task).model_class
@@ -248,11 +260,16 @@ def quantization(kind: str, device: torch.device | None) -> dict:
 
 
 def build_on_meta(
-    spec: str, task: str, labels: list | None, dtype: str = "fp32"
+    spec: str,
+    task: str,
+    labels: list | None,
+    dtype: str = "fp32",
+    config: transformers.PretrainedConfig | None = None,
 ) -> transformers.PreTrainedModel:
     """The model's module tree on the meta device: every shape, no weight read or allocated
-    (`auto` counts the checkpoint's own dtype, as a GPU would load it)."""
-    config = load_config(spec, labels)
+    (`auto` counts the checkpoint's own dtype, as a GPU would load it); `config`, where the
+    caller read it already."""
+    config = with_labels(config, labels) if config is not None else load_config(spec, labels)
     _check_layer_count(spec, config)
     stored = base_dtype(dtype, checkpoint_dtype(config), gpu=True)
     try:

@@ -26,9 +26,18 @@ from rich.console import Console
 from rich.markup import escape
 
 from deltacli.errors import DeltacliError
-from deltacli.files import read_mapping
-from deltacli.outputs import MARKER, has_checkpoint, scratch_folders
-from deltacli.recipe import Recipe, dump_recipe, load_recipe, recipe_file, recipe_to_dict
+from deltacli.files.outputs import MARKER, has_checkpoint, scratch_folders
+from deltacli.files.text import read_mapping
+from deltacli.recipe import (
+    Recipe,
+    apply_override,
+    dump_recipe,
+    load_recipe,
+    parse_recipe,
+    recipe_file,
+    recipe_to_dict,
+    set_value,
+)
 
 PLAN_FILE = "sweep.json"
 _RELATIVE = re.compile(r"^x(\d+(\.\d+)?([eE][-+]?\d+)?)$")
@@ -94,23 +103,25 @@ def plan(sources: list[str], axes: list[Axis], seeds: list[int]) -> list[Run]:
 
 
 def run_recipe(run: Run, overrides: list[str], settings: dict[str, Any]) -> Recipe:
-    """The run's resolved recipe: the source, the sweep's settings and overrides, its grid
-    point (relative values multiply the recipe's own) and its seed."""
+    """The run's resolved recipe: the source (read once), the sweep's settings and
+    overrides, its grid point and its seed. A relative value (`x2`) multiplies the number
+    the recipe resolves to (its own or the default) and is set as that typed number."""
     file = (
         Path(run.source)
         if Path(run.source).suffix in (".yaml", ".yml")
         else recipe_file(run.source, None)
     )
     base = load_recipe(file, overrides, settings)
-    grid = []
+    raw = recipe_to_dict(base)
     for key, value in run.grid.items():
         relative = _RELATIVE.match(value)
         if relative:
-            value = repr(float(relative.group(1)) * float(_lookup(recipe_to_dict(base), key)))
-        grid.append(f"{key}={value}")
-    return load_recipe(
-        file, [*overrides, *grid, f"train.seed={run.seed}"], {**settings, "name": run.name}
-    )
+            set_value(raw, key, float(relative.group(1)) * _lookup(raw, key))
+        else:
+            apply_override(raw, f"{key}={value}")
+    set_value(raw, "train.seed", run.seed)
+    set_value(raw, "name", run.name)
+    return parse_recipe(raw)
 
 
 def _lookup(data: Any, key: str) -> Any:
@@ -181,8 +192,8 @@ def execute(
 ) -> dict[str, int]:
     """Run what is not done yet, resuming the run a stopped sweep cut short; returns how many
     runs were done before, trained now, resumed."""
-    from deltacli.logs import progress_bars
-    from deltacli.runs import resume, train
+    from deltacli.training.logs import progress_bars
+    from deltacli.training.runs import resume, train
 
     counts = {"already done": 0, "trained": 0, "resumed": 0}
     with progress_bars(None if launch else console) as progress:

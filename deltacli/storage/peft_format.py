@@ -14,8 +14,8 @@ import torch
 from deltacli.deltas import DeltaSet
 from deltacli.deltas.base import PEFT_PREFIX, kind_for_peft
 from deltacli.errors import DeltacliError
-from deltacli.tasks import TASKS, by_peft_type
-from deltacli.tasks import task as task_entry
+from deltacli.tasks.registry import TASKS, by_peft_type
+from deltacli.tasks.registry import task as task_entry
 
 # PEFT config fields whose non-default values change what an adapter computes. An adapter that
 # sets one is refused rather than silently loaded as something else.

@@ -9,8 +9,8 @@ import torch
 
 from deltacli.build import attach_recipe, prepare_model, resolved_recipe
 from deltacli.errors import VerificationError
-from deltacli.shards import NAMES, ShardReader
-from deltacli.store import SavedDelta
+from deltacli.models.shards import NAMES, ShardReader
+from deltacli.storage.delta_folder import SavedDelta
 
 # Largest max-abs logit difference accepted, relative to the logits' own scale, by the
 # precision the merged weights were written in.

@@ -15,20 +15,20 @@ from rich.progress import Progress
 
 from deltacli import plots
 from deltacli.errors import DeltacliError
-from deltacli.interrupts import Interrupted, Stopped
-from deltacli.logs import MetricsLog, flat_config
-from deltacli.models import resolve
-from deltacli.outputs import CHECKPOINTS, Scratch, check_apart, check_output, has_checkpoint
+from deltacli.files.outputs import CHECKPOINTS, Scratch, check_apart, check_output, has_checkpoint
+from deltacli.models.loading import resolve
 from deltacli.recipe import Recipe, dump_recipe, load_recipe, recipe_to_dict
-from deltacli.resume import (
+from deltacli.storage.delta_folder import LOG_FILE, RECIPE_FILE, save_delta, write_initial
+from deltacli.training.checkpoints import (
     checkpoint_name,
     checkpoints,
     find_run,
     write_checkpoint,
     write_random_state,
 )
-from deltacli.store import LOG_FILE, RECIPE_FILE, save_delta, write_initial
-from deltacli.trainer import Trainer
+from deltacli.training.interrupts import Interrupted, Stopped
+from deltacli.training.logs import MetricsLog, flat_config
+from deltacli.training.trainer import Trainer
 
 TRACKERS = "trackers"  # inside a run's folder: what experiment trackers write
 CURVES = "curves.png"  # a run's training loss and eval metric per step
@@ -75,7 +75,7 @@ def train(
     output = output or default_output(recipe)
     check_output(output, overwrite)
     check_apart(output, [("base model", recipe.model)])
-    return _run(recipe, output, overwrite, console, None, progress)
+    return _run(recipe, output, overwrite=overwrite, console=console, progress=progress)
 
 
 def resume(
@@ -96,18 +96,30 @@ def resume(
         )
     folder, checkpoint = find_run(output)
     recipe = load_recipe(folder / RECIPE_FILE, list(overrides))
-    return _run(recipe, output, True, console, (folder, checkpoint), progress)
+    interrupted = InterruptedRun(folder, checkpoint)
+    return _run(
+        recipe, output, overwrite=True, console=console, progress=progress, resuming=interrupted
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InterruptedRun:
+    """The run `--resume` continues: its scratch folder and its newest checkpoint."""
+
+    folder: Path
+    checkpoint: Path
 
 
 def _run(
     recipe: Recipe,
     output: Path,
+    *,
     overwrite: bool,
     console: Console | None,
-    resuming: tuple[Path, Path] | None,
-    progress: Progress | None = None,
+    progress: Progress | None,
+    resuming: InterruptedRun | None = None,
 ) -> TrainResult:
-    trainer = Trainer(recipe, console, resuming[1] if resuming else None)
+    trainer = Trainer(recipe, console, resuming.checkpoint if resuming else None)
     run = RunFolder.open(trainer, output, overwrite, resuming)
     try:
         with MetricsLog(run.log_path(trainer.log_bytes), trainer.accelerator) as log:
@@ -154,13 +166,13 @@ class RunFolder:
 
     @classmethod
     def open(
-        cls, trainer: Trainer, output: Path, overwrite: bool, resuming: tuple[Path, Path] | None
+        cls, trainer: Trainer, output: Path, overwrite: bool, resuming: InterruptedRun | None
     ) -> RunFolder:
         scratch = None
         if trainer.accelerator.is_main_process:
             notice = trainer.notice
             if resuming:
-                scratch = Scratch.adopt(output, resuming[0], overwrite)
+                scratch = Scratch.adopt(output, resuming.folder, overwrite)
             else:
                 scratch = Scratch.create(output, overwrite, notice)
                 try:
@@ -197,8 +209,7 @@ class RunFolder:
         self.accelerator.wait_for_everyone()
         saved = self.path / CHECKPOINTS / checkpoint_name(trainer.step)
         if self.accelerator.is_main_process:
-            tensors, state = trainer.checkpoint_state()
-            state["log_bytes"] = log.size()
+            tensors, state = trainer.checkpoint_state(log_bytes=log.size())
             saved = write_checkpoint(self.path, trainer.step, tensors, state, self.keep)
         self.accelerator.wait_for_everyone()
         return saved

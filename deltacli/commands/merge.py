@@ -25,14 +25,14 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from torch import nn
 
 from deltacli.build import saved_on_meta
-from deltacli.checkpoint import INDEX_FILE, Checkpoint
+from deltacli.commands.verify import verify_merge
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
-from deltacli.models import load_config, local_dir
-from deltacli.outputs import atomic_dir, check_apart, check_output, notice_on
-from deltacli.shards import ShardWriter, TensorInfo
-from deltacli.store import SavedDelta, read_delta, write_json
-from deltacli.verify import verify_merge
+from deltacli.files.outputs import atomic_dir, check_apart, check_output, notice_on
+from deltacli.models.loading import load_config, local_dir
+from deltacli.models.shards import ShardWriter, TensorInfo
+from deltacli.models.weights import INDEX_FILE, Checkpoint
+from deltacli.storage.delta_folder import SavedDelta, read_delta, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Files of a model directory that hold weights: replaced by the merged shards, never copied.

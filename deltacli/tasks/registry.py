@@ -20,9 +20,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from deltacli.data import TaskData, classes_for_scoring, load_tables, pad_classes, prepare_classes
+from deltacli.config.sections import DataConfig
 from deltacli.errors import DeltacliError, did_you_mean
-from deltacli.lm_data import (
+from deltacli.tasks.classification import classes_for_scoring, pad_classes, prepare_classes
+from deltacli.tasks.generation import (
     causal_prompts,
     encode_causal,
     encode_seq2seq,
@@ -31,8 +32,8 @@ from deltacli.lm_data import (
     seq2seq_prompts,
     tokens_for_scoring,
 )
-from deltacli.scoring import score_classes, score_tokens
-from deltacli.settings import DataConfig
+from deltacli.tasks.scoring import score_classes, score_tokens
+from deltacli.tasks.tables import TaskData, load_tables
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,16 +12,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltacli.architectures import HEADS
 from deltacli.build import attach_recipe, parameter_counts
 from deltacli.deltas import DeltaSet
 from deltacli.deltas.base import PEFT_PREFIX
 from deltacli.deltas.targets import collapse_indices, is_linear, layer_index
 from deltacli.errors import DeltacliError
-from deltacli.models import build_on_meta, saved_task
+from deltacli.models.architectures import HEADS
+from deltacli.models.loading import build_on_meta, saved_task
 from deltacli.recipe import Recipe, load_recipe, recipe_to_dict
-from deltacli.store import SavedDelta, read_delta
-from deltacli.tasks import DEFAULT
+from deltacli.storage.delta_folder import SavedDelta, read_delta
+from deltacli.tasks.registry import DEFAULT
 
 
 @dataclasses.dataclass

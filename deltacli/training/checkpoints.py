@@ -30,14 +30,14 @@ import torch
 from safetensors.torch import load_file
 
 from deltacli.errors import DeltacliError
-from deltacli.outputs import (
+from deltacli.files.outputs import (
     CHECKPOINTS,
     MARKER,
     has_checkpoint,
     owner_alive,
     scratch_folders,
 )
-from deltacli.tensor_files import save_tensors
+from deltacli.files.tensors import save_tensors
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"

@@ -21,10 +21,10 @@ from collections.abc import Callable
 import datasets
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, default_data_collator
 
-from deltacli.data import Encoded, TaskData
+from deltacli.config.sections import DataConfig
 from deltacli.errors import DeltacliError
 from deltacli.labels import IGNORE
-from deltacli.settings import DataConfig
+from deltacli.tasks.tables import Encoded, TaskData
 
 # (table, tokenizer, data config, mask_prompt) -> token ids and labels
 Encoder = Callable[[datasets.Dataset, PreTrainedTokenizerBase, DataConfig, bool], Encoded]

@@ -8,30 +8,30 @@ tensors to save; the same loop runs on one CPU, one GPU, or many processes under
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 from transformers import get_linear_schedule_with_warmup
 
-from deltacli.build import check_attaches, compute_precision, parameter_counts, prepare_model
-from deltacli.data import batches, data_fingerprint
+from deltacli.build import parameter_counts
 from deltacli.errors import DeltacliError
-from deltacli.evaluate import evaluate, generate
-from deltacli.interrupts import Interrupted, StopRequest, stop_requests
-from deltacli.logs import MetricsLog, progress_bars, trackers
-from deltacli.models import load_tokenizer
 from deltacli.recipe import Recipe
-from deltacli.resume import read_checkpoint, restore_random_state
-from deltacli.runtime import make_accelerator, peak_memory, reset_peak_memory, versions
-from deltacli.scoring import reported_metrics
+from deltacli.tasks.evaluation import evaluate, generate
+from deltacli.tasks.metrics import oriented
+from deltacli.tasks.scoring import reported_metrics
+from deltacli.tasks.tables import TaskData, data_fingerprint
+from deltacli.training.checkpoints import read_checkpoint, restore_random_state
+from deltacli.training.interrupts import Interrupted, StopRequest, stop_requests
+from deltacli.training.logs import MetricsLog, progress_bars, trackers
+from deltacli.training.runtime import peak_memory, reset_peak_memory, versions
+from deltacli.training.session import open_session
 
 
 class Checkpoints(Protocol):
@@ -54,28 +54,18 @@ class Trainer:
         self.started = time.perf_counter()
         reset_peak_memory()
         config = recipe.train
-        check_attaches(recipe)
-        gpu = torch.cuda.is_available() and not config.cpu
-        self.accelerator = make_accelerator(
-            cpu=config.cpu,
-            mixed_precision=compute_precision(recipe, gpu),
+        session = open_session(
+            recipe,
+            before_model=_check_best_metric,
             gradient_accumulation_steps=config.grad_accum,
             log_with=trackers(config.report_to),
             # Where trackers write is the run's folder, set once it exists (runs.RunFolder).
             project_config=ProjectConfiguration(logging_dir="trackers"),
         )
+        self.accelerator, self.recipe, self.task = session.accelerator, session.recipe, session.task
         self.console = console if self.accelerator.is_main_process else None
-        set_seed(config.seed)
-        self.tokenizer = load_tokenizer(recipe.model)
-        self.task = recipe.task_entry
-        self.data = self.task.load_data(
-            recipe.data, self.tokenizer, config.seed, config.mask_prompt
-        )
-        self.recipe = dataclasses.replace(
-            recipe, data=dataclasses.replace(recipe.data, labels=self.data.labels)
-        )
-        self._check_best_metric()
-        self.model, self.deltas = prepare_model(self.recipe, device=self.accelerator.device)
+        self.tokenizer, self.data = session.tokenizer, session.data
+        self.model, self.deltas, self.session = session.model, session.deltas, session
         if self.task.generative:
             # No cache while training: it only costs memory, and transformers keeps packed
             # examples apart (block-diagonal attention) only without one.
@@ -112,17 +102,15 @@ class Trainer:
         groups = self._parameter_groups()
         self.param_names = [name for group in groups for name in group.pop("names")]
         optimizer = torch.optim.AdamW(groups, lr=config.lr)
-        collate = self.task.collate(self.tokenizer, self.data.train)
-        train_batches = batches(self.data.train, collate, config.batch_size, True, config.seed)
+        train_batches = self.session.batches(self.data.train, config.batch_size, shuffle=True)
         self.order = train_batches.generator  # draws each epoch's order: a checkpoint keeps it
-        eval_collate = self.task.collate(self.tokenizer, self.data.eval)
-        eval_batches = batches(self.data.eval, eval_collate, config.eval_batch_size, False)
+        eval_batches = self.session.batches(self.data.eval, config.eval_batch_size)
         self._refuse_unshardable()
         self.model, self.optimizer, self.train_batches, self.eval_batches = (
             self.accelerator.prepare(self.model, optimizer, train_batches, eval_batches)
         )
         # FSDP swaps the parameters for sharded ones (same names): follow them.
-        self.deltas.rebind(self.accelerator.unwrap_model(self.model))
+        self.deltas.follow_sharded(self.accelerator.unwrap_model(self.model))
         params = self.deltas.parameters()
         self.steps_per_epoch = math.ceil(len(self.train_batches) / config.grad_accum)
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
@@ -173,16 +161,6 @@ class Trainer:
             raise DeltacliError(
                 "DeepSpeed ZeRO-3 is not supported yet; use FSDP for a base beyond one GPU "
                 "(examples/accelerate/fsdp.yaml) or ZeRO stage 1-2"
-            )
-
-    def _check_best_metric(self) -> None:
-        """F1 of the positive class needs two labels; weighted F1 more (both are reported
-        only then)."""
-        labels, metric = self.data.labels, self.recipe.train.best_metric
-        if labels is not None and metric not in reported_metrics(len(labels)):
-            raise DeltacliError(
-                f"train.best_metric={metric} is not reported for {len(labels)} labels; "
-                f"choose one of {', '.join(reported_metrics(len(labels)))}"
             )
 
     def notice(self, line: str) -> None:
@@ -240,7 +218,7 @@ class Trainer:
                 self._evaluate_epoch(log)
             if shared:
                 progress.remove_task(bar)
-        self.deltas.load_state_dict(self.best_state)
+        self.deltas.set_values(self.best_state)
         return self._summary()
 
     def _train_epoch(
@@ -340,8 +318,10 @@ class Trainer:
     def _better(self, scores: dict, best: dict) -> bool:
         """Higher on the recipe's metric (lower, for loss); on a tie, lower eval loss."""
         metric = self.recipe.train.best_metric
-        sign = -1 if metric == "loss" else 1
-        return (sign * scores[metric], -scores["loss"]) > (sign * best[metric], -best["loss"])
+        return (oriented(metric, scores[metric]), -scores["loss"]) > (
+            oriented(metric, best[metric]),
+            -best["loss"],
+        )
 
     def preview(self) -> list[str]:
         """Generations for the first `train.preview` eval prompts (main process only)."""
@@ -363,8 +343,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Everything but the random generators that a resumed run needs (main process)."""
+    def checkpoint_state(self, log_bytes: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything but the random generators that a resumed run needs (main process);
+        `log_bytes`: how long the training log is now (a resumed run cuts it back to that)."""
         optimizer = self.optimizer.state_dict()
         tensors = {f"delta.{k}": v for k, v in self.deltas.checkpoint_state().items()}
         tensors |= {f"best.{k}": v for k, v in self.best_state.items()}
@@ -388,6 +369,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "fingerprint": self.fingerprint,
+            "log_bytes": log_bytes,
         }
         return tensors, state
 
@@ -409,7 +391,7 @@ class Trainer:
                 f"the run is {self.total_steps} steps long with these settings, but its "
                 f"checkpoint is at step {state['step']}: raise train.max_steps or train.epochs"
             )
-        self.deltas.restore(_prefixed(tensors, "delta."))
+        self.deltas.restore_checkpoint(_prefixed(tensors, "delta."))
         self.best_state = _prefixed(tensors, "best.")
         self.epoch_order = tensors["order"]
         optimizer_state = {}
@@ -501,3 +483,14 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+def _check_best_metric(recipe: Recipe, data: TaskData) -> None:
+    """F1 of the positive class needs two labels; weighted F1 more (both are reported only
+    then): checked once the data is read, before the model is."""
+    labels, metric = data.labels, recipe.train.best_metric
+    if labels is not None and metric not in reported_metrics(len(labels)):
+        raise DeltacliError(
+            f"train.best_metric={metric} is not reported for {len(labels)} labels; "
+            f"choose one of {', '.join(reported_metrics(len(labels)))}"
+        )

@@ -32,6 +32,14 @@ def base_dtype(choice: str, checkpoint: torch.dtype | None, gpu: bool) -> torch.
     return checkpoint if gpu and checkpoint in HALF and supported else torch.float32
 
 
+def stored_dtype(
+    choice: str, quantize: str | None, checkpoint: torch.dtype | None, gpu: bool
+) -> torch.dtype:
+    """What the frozen base is held in: bitsandbytes computes a quantised base's kept
+    layers in bf16; otherwise `base_dtype`."""
+    return torch.bfloat16 if quantize else base_dtype(choice, checkpoint, gpu)
+
+
 def trainable_dtype(weight: torch.Tensor) -> torch.dtype:
     """What a delta beside `weight` trains in: float32 over a half-precision or quantised
     weight, the weight's own dtype over float32 or float64."""

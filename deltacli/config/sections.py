@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from deltacli.schema import (
+from deltacli.config.schema import (
     AT_LEAST_ONE,
     FRACTION,
     NOT_NEGATIVE,

@@ -18,33 +18,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import Progress
 
-from deltacli.build import prepare_model, save_values
-from deltacli.checkpoint import Checkpoint
-from deltacli.data import batches
+from deltacli.build import save_values
+from deltacli.commands.evaluate import score_delta, score_model
+from deltacli.commands.merge import Plan, apply_increments, plan_increments
+from deltacli.config.schema import DENSITY
+from deltacli.config.sections import DataConfig
 from deltacli.deltas.sift import SiftConfig, increment, sift_targets
 from deltacli.deltas.targets import minimal_suffixes, modules_by_name
 from deltacli.errors import DeltacliError
-from deltacli.evaluate import score_delta, score_model
-from deltacli.merge import Plan, apply_increments, plan_increments
-from deltacli.models import (
+from deltacli.files.outputs import atomic_dir, check_apart, check_output, notice_on
+from deltacli.models.loading import (
     build_on_meta,
     config_labels,
     head_modules,
     load_config,
-    load_tokenizer,
     local_dir,
 )
-from deltacli.outputs import atomic_dir, check_apart, check_output, notice_on
+from deltacli.models.weights import Checkpoint
 from deltacli.recipe import Recipe
-from deltacli.runtime import make_accelerator
-from deltacli.schema import DENSITY
-from deltacli.settings import DataConfig
-from deltacli.store import is_delta_dir, read_delta, write_delta
-from deltacli.tasks import DEFAULT, inferred
+from deltacli.storage.delta_folder import is_delta_dir, read_delta, write_delta
+from deltacli.tasks.registry import DEFAULT, inferred
+from deltacli.training.session import open_session
 
 _BUCKETS = 1 << 16  # |Δ| histogram buckets: the top 16 bits of a float32
 
@@ -159,6 +156,7 @@ def sparsify(
     tuned: str,
     output: Path,
     density: float,
+    *,
     by: str = "matrix",
     targets: list[str] | None = None,
     eval_data: str | None = None,
@@ -343,19 +341,13 @@ def masks_from_gradients(recipe: Recipe, output: Path, overwrite: bool = False) 
     model, the data and one `calibrate` call."""
     check_output(output, overwrite)
     check_apart(output, [("base model", recipe.model)])
-    set_seed(recipe.train.seed)
-    tokenizer = load_tokenizer(recipe.model)
-    task = recipe.task_entry
-    data = task.load_data(recipe.data, tokenizer, recipe.train.seed)
-    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, labels=data.labels))
-    model, deltas = prepare_model(recipe)
-    accelerator = make_accelerator()
-    collate = task.collate(tokenizer, data.train)
-    loader = batches(data.train, collate, recipe.train.batch_size, True, recipe.train.seed)
-    model, loader = accelerator.prepare(model, loader)
+    session = open_session(recipe)
+    accelerator, deltas = session.accelerator, session.deltas
+    loader = session.batches(session.data.train, recipe.train.batch_size, shuffle=True)
+    model, loader = accelerator.prepare(session.model, loader)
     deltas.calibrate(accelerator.unwrap_model(model), loader, accelerator)
     configs, tensors = deltas.export()
     with atomic_dir(output, overwrite, "SIFT masks") as scratch:
-        masks = dataclasses.replace(recipe, deltas=configs)
+        masks = dataclasses.replace(session.recipe, deltas=configs)
         write_delta(scratch, masks, tensors, None, home=output)
     return deltas.densities()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from deltacli.errors import DeltacliError
-from deltacli.shards import ShardReader, TensorInfo
+from deltacli.models.shards import ShardReader, TensorInfo
 
 INDEX_FILE = "model.safetensors.index.json"
 

@@ -13,11 +13,13 @@ import dataclasses
 import statistics
 from pathlib import Path
 
+from deltacli.commands.sweep import PLAN_FILE, read_plan
 from deltacli.deltas.specify import FullConfig
 from deltacli.errors import DeltacliError
-from deltacli.files import read_mapping
-from deltacli.store import LOG_FILE, METRICS_FILE, RECIPE_FILE
-from deltacli.sweep import PLAN_FILE, read_plan
+from deltacli.files.text import read_mapping
+from deltacli.recipe import Recipe, load_recipe
+from deltacli.storage.delta_folder import LOG_FILE, METRICS_FILE, RECIPE_FILE
+from deltacli.tasks.metrics import oriented
 
 
 @dataclasses.dataclass
@@ -28,7 +30,7 @@ class RunResult:
     seed: int
     score: float
     metric: str
-    lr: float
+    lr: str  # the learning rate, or each delta's where they differ
     trainable: int
     share: float  # % of the model's parameters trained
     samples_per_second: float
@@ -48,7 +50,7 @@ class MethodRow:
     std: float
     seeds: int
     best: dict[str, str]  # the grid point with the best mean
-    lr: float
+    lr: str  # the learning rate, or each delta's where they differ
     samples_per_second: float
     peak_rss_mb: float | None
     peak_gpu_gib: float | None
@@ -94,24 +96,32 @@ def _read(folder: Path, metric: str | None, method: str | None, grid: dict, seed
         ) from None
 
 
+def learning_rates(recipe: Recipe) -> str:
+    """The run's learning rate, or each delta's (`deltas.N.lr`) where they differ."""
+    rates = [(delta.kind, delta.lr or recipe.train.lr) for delta in recipe.deltas]
+    if len({rate for _, rate in rates}) <= 1:
+        return f"{rates[0][1] if rates else recipe.train.lr:.1e}"
+    return ", ".join(f"{kind} {rate:.1e}" for kind, rate in rates)
+
+
 def _result(folder: Path, metric: str | None, method: str | None, grid: dict, seed: int | None):
     metrics = read_mapping(folder / METRICS_FILE, "training figures")
-    recipe = read_mapping(folder / RECIPE_FILE, "a recipe")
-    chosen = metric or recipe["train"]["best_metric"]
+    recipe = load_recipe(folder / RECIPE_FILE)
+    chosen = metric or recipe.train.best_metric
     if not metrics.get("eval"):
         raise DeltacliError(f"{folder} has no eval figures in {METRICS_FILE} to compare")
     if chosen not in metrics["eval"]:
         raise DeltacliError(f"{folder} has no eval {chosen} (it has {', '.join(metrics['eval'])})")
-    kinds = "+".join(delta["kind"] for delta in recipe["deltas"])
+    kinds = "+".join(delta.kind for delta in recipe.deltas)
     params = metrics["params"]
     return RunResult(
         folder=folder,
-        method=method or recipe["name"],
+        method=method or recipe.name,
         grid=grid,
-        seed=recipe["train"]["seed"] if seed is None else seed,
+        seed=recipe.train.seed if seed is None else seed,
         score=metrics["eval"][chosen],
         metric=chosen,
-        lr=recipe["train"]["lr"],
+        lr=learning_rates(recipe),
         trainable=params["trainable"],
         share=params["trainable_percent"],
         # From the counts, not the stored rate, which runs saved before 2026-11-28 understated.
@@ -133,8 +143,10 @@ def summarize(results: list[RunResult]) -> list[MethodRow]:
         points: dict[tuple, list[RunResult]] = {}
         for run in runs:
             points.setdefault(tuple(sorted(run.grid.items())), []).append(run)
-        sign = -1 if runs[0].metric == "loss" else 1
-        best = max(points.values(), key=lambda group: sign * _mean([r.score for r in group]))
+        metric = runs[0].metric
+        best = max(
+            points.values(), key=lambda group: oriented(metric, _mean([r.score for r in group]))
+        )
         scores = [r.score for r in best]
         rows.append(
             MethodRow(

@@ -74,9 +74,68 @@ def check_ranges(obj: Any, path: str) -> None:
             raise DeltacliError(f"{path}{field.name} must be {within}, got {value}")
 
 
-def field_help(cls: type) -> dict[str, str]:
-    """Each field's help line, for listings and error messages."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+@dataclasses.dataclass(frozen=True)
+class KeyHelp:
+    """One recipe key as `deltacli recipes --keys` lists it."""
+
+    key: str  # dotted, as an override spells it (`train.lr`, `deltas.0.r`)
+    type: str
+    default: str
+    within: str  # the range a number must lie in, or ""
+    help: str
+
+
+def describe(cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> list[KeyHelp]:
+    """Every key of dataclass `cls` (nested sections flattened under `prefix`), read from
+    the fields' own `option`s: what a user can set, of what type, within what range, and
+    why. `skip` leaves out fields listed elsewhere (the `deltas` list)."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for field in dataclasses.fields(cls):
+        if not field.init or field.name in skip:
+            continue
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            keys += describe(hint, f"{prefix}{field.name}.")
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        else:
+            default = field.default_factory()  # type: ignore[misc]
+        within = field.metadata.get("within")
+        keys.append(
+            KeyHelp(
+                key=prefix + field.name,
+                type=_type_text(hint),
+                default=_default_text(default),
+                within=str(within) if within else "",
+                help=field.metadata.get("help", ""),
+            )
+        )
+    return keys
+
+
+def _default_text(value: Any) -> str:
+    """A default as YAML spells it."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _type_text(hint: Any) -> str:
+    """A type as a recipe author reads it: `integer`, `number or null`, `nf4 | int8`."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        parts = [_type_text(h) for h in typing.get_args(hint) if h is not type(None)]
+        optional = type(None) in typing.get_args(hint)
+        return " or ".join(parts) + (" or null" if optional else "")
+    if origin is Literal:
+        return " | ".join(map(str, typing.get_args(hint)))
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return f"list of {_type_text(item)}"
+    names = {int: "integer", float: "number", str: "text", bool: "true/false", Any: "any"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def build(cls: type[T], data: Any, path: str = "", prebuilt: dict[str, Any] | None = None) -> T:
