@@ -474,6 +474,9 @@ SWEEP_EXAMPLES = r"""
       --model ./bert --data train.csv --eval-data dev.csv -o sweeps/sst2
   [dim]# each recipe's own learning rate halved, kept and doubled[/]
   deltacli sweep --methods lora,ia3,full --grid train.lr=x0.5,x1,x2 -o sweeps/lr --dry-run
+  [dim]# 8 GPUs, 8 runs at once; or each run a Slurm job (16 at once)[/]
+  deltacli sweep --methods lora,adapter --seeds 1,2,3,4 --jobs 8 -o sweeps/big
+  deltacli sweep --methods lora,adapter --seeds 1,2,3,4 --executor slurm --jobs 16 -o sweeps/big
   deltacli report sweeps/sst2 --csv sweeps/sst2.csv
 """
 
@@ -515,11 +518,26 @@ def sweep(
             '--multi_gpu --num_processes 2".'
         ),
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Runs at once, each its own command with its own GPUs (CUDA_VISIBLE_DEVICES) "
+            "or its share of the CPU threads; logs in OUT/.logs.",
+        ),
+    ] = 1,
+    executor: Annotated[
+        Literal["local", "slurm", "submitit-local"],
+        typer.Option(
+            help="Where runs go: this machine; Slurm jobs through submitit (--jobs at once); "
+            "or submitit's local executor, to try that set-up here.",
+        ),
+    ] = "local",
     json: Json = False,
 ) -> None:
     """Train every method × grid point × seed, each a normal run; report the comparison.
 
-    Started again, a sweep skips the runs that finished and resumes the one that stopped.
+    Started again, a sweep skips the runs that finished and resumes the ones that stopped.
     """
     from deltacli.commands.report import collect, summarize
     from deltacli.commands.sweep import Axis, execute, listing, plan, run_recipe, write_plan
@@ -543,7 +561,7 @@ def sweep(
         return
     extra = {"methods": sources, "overrides": overrides or [], "settings": settings}
     write_plan(output, runs, axes, seed_list, extra)
-    counts = execute(output, runs, recipe_of, err, launch)
+    counts = execute(output, runs, recipe_of, err, launch, jobs, executor)
     err.print("sweep: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
     rows = summarize(collect([output]))
     print_json(out, rows) if json else out.print(report_table(rows))

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from deltacli.config.sections import DataConfig
 from deltacli.errors import DeltacliError
 from deltacli.labels import IGNORE
-from deltacli.tasks.generation import encode_causal, pack
+from deltacli.tasks.generation import encode_causal, pack, pad_tokens
 from deltacli.tasks.tables import load_table
 from helpers import assert_close, instruction_rows, word_tokenizer
 
@@ -116,10 +116,10 @@ def test_packed_examples_neither_see_nor_teach_each_other(tiny_llama):
     row = packed[0]
     starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
     assert len(starts) >= 2 and all(row["labels"][i] == IGNORE for i in starts)
+    fed = pad_tokens(tokenizer, packed)([row])  # whatever the collator gives training
     with torch.no_grad():
         together = model(
-            input_ids=torch.tensor([row["input_ids"]]),
-            position_ids=torch.tensor([row["position_ids"]]),
+            **{k: v for k, v in fed.items() if k != "labels"},
             use_cache=False,  # as in training: transformers isolates packed rows only then
         ).logits[0]
         for start, end in zip(starts, [*starts[1:], 48], strict=True):

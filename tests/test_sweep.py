@@ -139,3 +139,54 @@ def test_tensorboard_receives_the_training_log(tiny_bert, sentiment, tmp_path, c
     ]
     assert [e.value for e in losses] == pytest.approx([r["loss"] for r in logged if "loss" in r])
     assert accumulator.Scalars("eval/accuracy")
+
+
+def test_jobs_2_and_submitit_finish_the_runs_that_one_at_a_time_does(
+    tiny_bert_no_dropout, sentiment, tmp_path, cli
+):
+    """The same two runs, one after another in this process, two at once as commands of
+    their own (each with half the CPU's threads), and through submitit's local executor:
+    the same deltas (float64: the runs' thread counts differ, their sums barely)."""
+    from safetensors.torch import load_file
+
+    def sweep(folder: str, *extra: str) -> Path:
+        code, _, err = cli(
+            "sweep", "--methods", "lora,bitfit", "--model", tiny_bert_no_dropout,
+            "--data", sentiment["train"], "--eval-data", sentiment["eval"],
+            "-o", tmp_path / folder, "data.text=text", "train.max_steps=3",
+            "train.batch_size=16", "base_dtype=fp64", *extra,
+        )  # fmt: skip
+        assert code == 0, err
+        return tmp_path / folder
+
+    serial = sweep("serial")
+    parallel = sweep("parallel", "--jobs", "2")
+    submitted = sweep("submitted", "--jobs", "2", "--executor", "submitit-local")
+    assert sorted(p.name for p in (parallel / ".logs").iterdir()) == [
+        "bitfit--seed=42.log",
+        "lora--seed=42.log",
+    ]
+    for run in ("lora--seed=42", "bitfit--seed=42"):
+        expected = load_file(serial / run / "adapter_model.safetensors")
+        for other in (parallel, submitted):
+            assert (other / run / MARKER).is_file()
+            got = load_file(other / run / "adapter_model.safetensors")
+            assert got.keys() == expected.keys()
+            for key, tensor in expected.items():
+                assert (got[key] - tensor).abs().max() <= 1e-10
+    code, _, err = cli("sweep", "--methods", "lora", "--jobs", "2", "--executor", "slurm",
+                       "--dry-run", "-o", tmp_path / "x")  # fmt: skip
+    assert code == 0, err
+
+
+def test_slots_split_gpus_or_threads():
+    from deltacli.commands.parallel import slots
+    from deltacli.errors import DeltacliError
+
+    assert slots(2, 0, 8) == [{"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}] * 2
+    assert slots(2, 8, 16) == [
+        {"CUDA_VISIBLE_DEVICES": "0,1,2,3"},
+        {"CUDA_VISIBLE_DEVICES": "4,5,6,7"},
+    ]
+    with pytest.raises(DeltacliError, match="more than this machine's 2 GPU"):
+        slots(3, 2, 16)

@@ -247,10 +247,10 @@ def test_a_second_ctrl_c_says_the_checkpoint_is_kept_and_how_to_resume(
 
     real = Trainer._step
 
-    def step(self, batch):
+    def step(self, order, index):
         if self.step == 3:  # after the checkpoint at step 2: a Ctrl-C that stops at once
             raise Stopped(signal.SIGINT)
-        return real(self, batch)
+        return real(self, order, index)
 
     monkeypatch.setattr(Trainer, "_step", step)
     code, _, err = cli(*train_args(fx, tmp_path / OUT, "train.max_steps=6", "train.save_every=2"))

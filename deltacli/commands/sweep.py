@@ -16,8 +16,6 @@ import dataclasses
 import itertools
 import json
 import re
-import shlex
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from deltacli.commands.parallel import LOGS, Job, run_local, run_submitit
 from deltacli.errors import DeltacliError
 from deltacli.files.outputs import MARKER, has_checkpoint, scratch_folders
 from deltacli.files.text import read_mapping
@@ -189,23 +188,58 @@ def execute(
     recipe_of: Callable[[Run], Recipe],
     console: Console,
     launch: str | None = None,
+    jobs: int = 1,
+    executor: str = "local",
 ) -> dict[str, int]:
     """Run what is not done yet, resuming the run a stopped sweep cut short; returns how many
-    runs were done before, trained now, resumed."""
+    runs were done before, trained now, resumed. One at a time in this process by default;
+    as commands of their own with `--jobs N` (N at once), a launcher prefix, or an executor
+    other than `local` (`commands.parallel`)."""
+    if jobs == 1 and executor == "local" and not launch:
+        return _in_process(folder, runs, recipe_of, console)
+    counts = {"already done": 0, "trained": 0, "resumed": 0}
+    pending = []
+    for run in runs:
+        status = run.status(folder)
+        if status == "done":
+            counts["already done"] += 1
+            continue
+        counts["resumed" if status == "resumable" else "trained"] += 1
+        pending.append(Job(run.name, _arguments(folder, run, recipe_of(run), status)))
+    done = []
+
+    def finished(job: Job, ok: bool) -> None:
+        done.append(job)
+        state = "[green]done[/]" if ok else "[red]failed[/]"
+        console.print(f"[bold]sweep {len(done)}/{len(pending)}[/] {escape(job.name)} {state}")
+
+    if executor == "local":
+        failed = run_local(pending, folder, jobs, launch, finished)
+    else:
+        cluster = "slurm" if executor == "slurm" else "local"
+        failed = run_submitit(pending, folder, jobs, launch, cluster, finished)
+    if failed:
+        raise DeltacliError(
+            f"{len(failed)} run(s) failed ({', '.join(failed)}); their logs are in "
+            f"{folder / LOGS}; start the sweep again to resume them"
+        )
+    return counts
+
+
+def _in_process(
+    folder: Path, runs: list[Run], recipe_of: Callable[[Run], Recipe], console: Console
+) -> dict[str, int]:
     from deltacli.training.logs import progress_bars
     from deltacli.training.runs import resume, train
 
     counts = {"already done": 0, "trained": 0, "resumed": 0}
-    with progress_bars(None if launch else console) as progress:
+    with progress_bars(console) as progress:
         overall = progress.add_task(f"sweep {folder.name}", total=len(runs))
-        for index, run in enumerate(runs, 1):
+        for run in runs:
             status = run.status(folder)
             output = folder / run.name
             if status == "done":
                 counts["already done"] += 1
-            elif launch:
-                _launched(launch, folder, run, recipe_of(run), status, console, index, len(runs))
-                counts["resumed" if status == "resumable" else "trained"] += 1
             elif status == "resumable":
                 resume(output, console=console, progress=progress)
                 counts["resumed"] += 1
@@ -216,34 +250,14 @@ def execute(
     return counts
 
 
-def _launched(
-    launch: str,
-    folder: Path,
-    run: Run,
-    recipe: Recipe,
-    status: str,
-    console: Console,
-    index: int,
-    total: int,
-) -> None:
-    """One run as its own command (`accelerate launch … -m deltacli train …`)."""
-    console.print(f"[bold]sweep {index}/{total}[/] {escape(run.name)} ({status})")
+def _arguments(folder: Path, run: Run, recipe: Recipe, status: str) -> list[str]:
+    """The `deltacli` command line of one run: resume it, or train its resolved recipe."""
     if status == "resumable":
-        arguments = ["train", "--resume", str(folder / run.name)]
-    else:
-        recipes = folder / ".recipes"
-        recipes.mkdir(exist_ok=True)
-        (recipes / f"{run.name}.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-        arguments = [
-            "train",
-            "--recipe",
-            str(recipes / f"{run.name}.yaml"),
-            "-o",
-            str(folder / run.name),
-        ]
-    command = [*shlex.split(launch), "-m", "deltacli", *arguments]
-    if subprocess.run(command).returncode != 0:
-        raise DeltacliError(f"run {run.name} failed; start the sweep again to resume it")
+        return ["train", "--resume", str(folder / run.name)]
+    recipes = folder / ".recipes"
+    recipes.mkdir(exist_ok=True)
+    (recipes / f"{run.name}.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    return ["train", "--recipe", str(recipes / f"{run.name}.yaml"), "-o", str(folder / run.name)]
 
 
 def listing(folder: Path, runs: list[Run]) -> list[dict]:

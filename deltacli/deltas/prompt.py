@@ -28,6 +28,7 @@ from deltacli.deltas.base import (
 )
 from deltacli.errors import DeltacliError
 from deltacli.labels import IGNORE
+from deltacli.models.architectures import HEADS
 
 
 @dataclasses.dataclass
@@ -58,6 +59,7 @@ class Prompt(PromptLearning):
         self.add_module(model, "prompt_encoder", holder)
         self.holder = holder
         self.causal = any(getattr(m, "is_causal", False) for m in model.modules())
+        self.classifier = any(name in HEADS for name, _ in model.named_children())
         self.add_hook(model.register_forward_pre_hook(self._prepend, with_kwargs=True))
         self.params = {"prompt_encoder.embedding.weight": holder.embedding.weight}
 
@@ -90,8 +92,16 @@ class Prompt(PromptLearning):
             kwargs["position_ids"] = torch.cat([lead, kwargs["position_ids"] + length], dim=1)
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(length + embeds.shape[1], device=embeds.device)
+        # A causal classifier reads its last position, and generation continues from it: both
+        # want the padding in front. Training a causal LM keeps the rows as the labels have
+        # them (whether or not the labels are passed in: the trainer computes its own loss).
         token_labels = kwargs.get("labels") is not None and kwargs["labels"].ndim == 2
-        if self.causal and not token_labels and kwargs.get("attention_mask") is not None:
+        generating = not model.training and not token_labels
+        if (
+            self.causal
+            and (self.classifier or generating)
+            and kwargs.get("attention_mask") is not None
+        ):
             kwargs = _padding_first(kwargs)
         return (), kwargs
 

@@ -159,15 +159,11 @@ def _learned(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
 
 def pack(table: datasets.Dataset, length: int) -> datasets.Dataset:
     """Concatenate examples into rows of exactly `length` tokens. Positions restart at every
-    example, which transformers turns into a block-diagonal attention mask (examples do not
-    see each other), and each example's first label is dropped so that no loss crosses from
-    one example into the next. The last, partial row is dropped."""
-    rows: dict[str, list] = {
-        "input_ids": [],
-        "labels": [],
-        "position_ids": [],
-        "attention_mask": [],
-    }
+    example, and the rows carry no `attention_mask`: transformers builds the block-diagonal
+    causal mask from `position_ids` only when no mask is passed (an all-ones mask would let
+    every example see the ones before it). Each example's first label is dropped so that no
+    loss crosses from one example into the next. The last, partial row is dropped."""
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
     ids, labels, positions = [], [], []
     for example_ids, example_labels in zip(table["input_ids"], table["labels"], strict=True):
         ids += example_ids
@@ -177,7 +173,6 @@ def pack(table: datasets.Dataset, length: int) -> datasets.Dataset:
             rows["input_ids"].append(ids[:length])
             rows["labels"].append(labels[:length])
             rows["position_ids"].append(positions[:length])
-            rows["attention_mask"].append([1] * length)
             ids, labels, positions = ids[length:], labels[length:], positions[length:]
     if not rows["input_ids"]:
         raise DeltacliError(f"the data is shorter than one packed row of {length} tokens")

@@ -32,6 +32,7 @@ from deltacli.tasks.generation import (
     seq2seq_prompts,
     tokens_for_scoring,
 )
+from deltacli.tasks.losses import class_loss, class_units, token_loss, token_units
 from deltacli.tasks.scoring import score_classes, score_tokens
 from deltacli.tasks.tables import TaskData, load_tables
 
@@ -48,6 +49,9 @@ class Task:
     for_scoring: Callable  # (table, data config, tokenizer, source) -> (encoded, labels)
     collate: Callable  # (tokenizer, encoded table) -> collator
     score: Callable  # (model, batches, accelerator, label names) -> metrics
+    loss: Callable  # (logits, labels) -> the summed training loss of a batch
+    units: Callable  # (one example's labels) -> how many terms it adds to the loss
+    labels_in_forward: bool  # the model needs the labels to run (seq2seq: decoder inputs)
     prompts: Callable | None = None  # (table, data config, tokenizer) -> (prompt, reference)
 
     def load_data(
@@ -73,6 +77,9 @@ CLASSIFICATION = Task(
     for_scoring=classes_for_scoring,
     collate=pad_classes,
     score=score_classes,
+    loss=class_loss,
+    units=class_units,
+    labels_in_forward=False,
 )
 CAUSAL_LM = Task(
     name="causal-lm",
@@ -85,6 +92,9 @@ CAUSAL_LM = Task(
     for_scoring=partial(tokens_for_scoring, encode=encode_causal),
     collate=pad_tokens,
     score=partial(score_tokens, shift=True),
+    loss=partial(token_loss, shift=True),
+    units=partial(token_units, shift=True),
+    labels_in_forward=False,
     prompts=causal_prompts,
 )
 SEQ2SEQ = Task(
@@ -98,6 +108,9 @@ SEQ2SEQ = Task(
     for_scoring=partial(tokens_for_scoring, encode=encode_seq2seq),
     collate=pad_tokens,
     score=partial(score_tokens, shift=False),
+    loss=partial(token_loss, shift=False),
+    units=partial(token_units, shift=False),
+    labels_in_forward=True,
     prompts=seq2seq_prompts,
 )
 TASKS: dict[str, Task] = {t.name: t for t in (CLASSIFICATION, CAUSAL_LM, SEQ2SEQ)}

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from accelerate.utils import DistributedType, ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration, send_to_device
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
@@ -32,6 +33,7 @@ from deltacli.training.interrupts import Interrupted, StopRequest, stop_requests
 from deltacli.training.logs import MetricsLog, progress_bars, trackers
 from deltacli.training.runtime import peak_memory, reset_peak_memory, versions
 from deltacli.training.session import open_session
+from deltacli.training.steps import StepPlan
 
 
 class Checkpoints(Protocol):
@@ -57,7 +59,6 @@ class Trainer:
         session = open_session(
             recipe,
             before_model=_check_best_metric,
-            gradient_accumulation_steps=config.grad_accum,
             log_with=trackers(config.report_to),
             # Where trackers write is the run's folder, set once it exists (runs.RunFolder).
             project_config=ProjectConfiguration(logging_dir="trackers"),
@@ -92,7 +93,7 @@ class Trainer:
         else:
             # Deltas that look at data first (SIFT picks its entries) do so on the plain module.
             unwrapped = self.accelerator.unwrap_model(self.model)
-            self.deltas.calibrate(unwrapped, self.train_batches, self.accelerator)
+            self.deltas.calibrate(unwrapped, self._calibration_batches(), self.accelerator)
             self.epoch_order = self.order.get_state()
             self.initial = self.deltas.export_initial()
         self._announce(checkpoint)
@@ -102,17 +103,28 @@ class Trainer:
         groups = self._parameter_groups()
         self.param_names = [name for group in groups for name in group.pop("names")]
         optimizer = torch.optim.AdamW(groups, lr=config.lr)
-        train_batches = self.session.batches(self.data.train, config.batch_size, shuffle=True)
-        self.order = train_batches.generator  # draws each epoch's order: a checkpoint keeps it
+        # Draws each epoch's order (the same on every process); a checkpoint keeps its state.
+        self.order = torch.Generator().manual_seed(config.seed)
+        self.plan = StepPlan(
+            len(self.data.train),
+            config.batch_size,
+            config.grad_accum,
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+        )
+        # Loss terms per training example: every process knows every step's count, so the
+        # step's loss is its sum over all micro-batches and processes divided by one number.
+        self.units = [self.task.units(labels) for labels in self.data.train["labels"]]
+        self.collate = self.task.collate(self.tokenizer, self.data.train)
         eval_batches = self.session.batches(self.data.eval, config.eval_batch_size)
         self._refuse_unshardable()
-        self.model, self.optimizer, self.train_batches, self.eval_batches = (
-            self.accelerator.prepare(self.model, optimizer, train_batches, eval_batches)
+        self.model, self.optimizer, self.eval_batches = self.accelerator.prepare(
+            self.model, optimizer, eval_batches
         )
         # FSDP swaps the parameters for sharded ones (same names): follow them.
         self.deltas.follow_sharded(self.accelerator.unwrap_model(self.model))
         params = self.deltas.parameters()
-        self.steps_per_epoch = math.ceil(len(self.train_batches) / config.grad_accum)
+        self.steps_per_epoch = self.plan.steps
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
         self.scheduler = get_linear_schedule_with_warmup(
             optimizer, round(config.warmup_ratio * self.total_steps), self.total_steps
@@ -212,7 +224,7 @@ class Trainer:
                 self.epoch, self.position = self.epoch + 1, 0
                 self.epoch_order = self.order.get_state()
                 if run and self.step < self.total_steps:
-                    self._checkpoint(log, run, self._agreed(stop.signum, False)[0])
+                    self._checkpoint(log, run, self._agreed(stop.signum))
             if not self.history or self.history[-1]["step"] != self.step:
                 self.meter.pause()
                 self._evaluate_epoch(log)
@@ -224,28 +236,23 @@ class Trainer:
     def _train_epoch(
         self, log: MetricsLog, run: Checkpoints | None, stop: StopRequest, progress, bar
     ) -> bool:
-        """One pass over the training batches, from `self.position` on (a resumed run skips
+        """One pass over the epoch's steps, from `self.position` on (a resumed run skips
         those it trained on); False if the step budget ran out first."""
-        self.order.set_state(self.epoch_order)
-        diverged = False
-        for index, batch in enumerate(self.train_batches):
-            if index < self.position:
-                continue
-            loss = self._step(batch)
+        order = self.epoch_permutation()
+        for index in range(self.position, self.plan.steps):
+            local = self._step(order, index)
             self.position = index + 1
-            self.meter.add(len(batch["labels"]) * self.accelerator.num_processes, loss)
-            diverged = diverged or not math.isfinite(loss)
-            if not self.accelerator.sync_gradients:
-                continue
             self.scheduler.step()
             self.step += 1
+            loss = self._summed_over_processes(local)
+            self.meter.add(len(self.plan.step_examples(order, index)), loss)
             lr = self.scheduler.get_last_lr()[0]
             progress.update(bar, advance=1, loss=self.meter.loss, lr=lr, speed=self.meter.rate)
             if self.step % self.recipe.train.log_every == 0:
                 log.write(step=self.step, epoch=self.epoch, loss=self.meter.loss, lr=lr)
                 self._plain_progress()
-            stopping, diverged = self._agreed(stop.signum, diverged)
-            if diverged:
+            stopping = self._agreed(stop.signum)
+            if not math.isfinite(loss):
                 raise DeltacliError(
                     f"the training loss became {loss} at step {self.step} (a lower train.lr, "
                     "or train.max_grad_norm, usually helps); the run stopped, and its last "
@@ -292,14 +299,44 @@ class Trainer:
                 signum,
             )
 
-    def _agreed(self, signum: int | None, diverged: bool) -> tuple[int, bool]:
-        """The stop signal any process received and whether any one's loss diverged: every
-        process must stop at the same step (one small all-reduce, only with several)."""
+    def _agreed(self, signum: int | None) -> int:
+        """The stop signal any process received: every process must stop at the same step
+        (one small all-reduce, only with several)."""
         if self.accelerator.num_processes == 1:
-            return signum or 0, diverged
-        value = torch.tensor([float(signum or 0), float(diverged)], device=self.accelerator.device)
-        agreed = self.accelerator.reduce(value, reduction="max").tolist()
-        return int(agreed[0]), bool(agreed[1])
+            return signum or 0
+        value = torch.tensor([float(signum or 0)], device=self.accelerator.device)
+        return int(self.accelerator.reduce(value, reduction="max").item())
+
+    def _summed_over_processes(self, share: float) -> float:
+        """The step's loss from each process's share of its weighted mean (one small
+        all-reduce, only with several): the same number on every process."""
+        if self.accelerator.num_processes == 1:
+            return share
+        value = torch.tensor([share], device=self.accelerator.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(value, reduction="sum").item())
+
+    def _calibration_batches(self) -> Iterator[dict]:
+        """This process's training micro-batches in the order of a first epoch (on its
+        device): what kinds that look at data before training read. They draw the order
+        as training would, and training then draws the next."""
+        order = self.epoch_permutation()
+        for index in range(self.plan.steps):
+            for batch, counts in self.micro_batches(order, index):
+                if counts:
+                    yield send_to_device(batch, self.accelerator.device)
+
+    def epoch_permutation(self) -> list[int]:
+        """The epoch's order of the training rows, drawn from the generator as the epoch
+        began (so a resumed run draws the same)."""
+        self.order.set_state(self.epoch_order)
+        return torch.randperm(self.plan.examples, generator=self.order).tolist()
+
+    def micro_batches(self, order: list[int], index: int) -> list[tuple[dict, bool]]:
+        """This process's micro-batches of step `index`, collated and on its device."""
+        return [
+            (self.collate([self.data.train[i] for i in micro.indices]), micro.counts)
+            for micro in self.plan.micro_batches(order, index)
+        ]
 
     def _evaluate_epoch(self, log: MetricsLog) -> None:
         """Score the eval set; remember this epoch's delta if it is the best so far."""
@@ -331,17 +368,39 @@ class Trainer:
         prompts = [prompt for prompt, _ in self.data.prompts[:count]]
         return generate(self.accelerator.unwrap_model(self.model), self.tokenizer, prompts)
 
-    def _step(self, batch: dict) -> float:
-        """One micro-batch: forward, backward and (at accumulation boundaries) the update.
-        `loss.item()` is its only wait for the device, at its end."""
-        with self.accelerator.accumulate(self.model):
-            loss = self.model(**batch).loss
-            self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients and self.recipe.train.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.params, self.recipe.train.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+    def _step(self, order: list[int], index: int) -> float:
+        """One optimizer step: every micro-batch's summed loss over the step's count of loss
+        terms (all micro-batches, all processes), backward, then one update. Gradients are
+        synchronised on the last micro-batch only; DDP and FSDP average them over processes,
+        which the factor `processes` undoes. Returns this process's share of the step's mean
+        loss; its only waits for the device are at its end."""
+        step = self.plan.step_examples(order, index)
+        count = max(sum(self.units[i] for i in step), 1)
+        scale = self.accelerator.num_processes / count
+        micro_batches = self.micro_batches(order, index)
+        total = torch.zeros((), device=self.accelerator.device)
+        for number, (batch, counts) in enumerate(micro_batches):
+            batch = send_to_device(batch, self.accelerator.device)
+            last = number == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+            with sync:
+                summed = self._summed_loss(batch) * (1.0 if counts else 0.0)
+                self.accelerator.backward(summed * scale)
+            total += summed.detach()
+        if self.recipe.train.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.params, self.recipe.train.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return (total / count).item()
+
+    def _summed_loss(self, batch: dict) -> torch.Tensor:
+        """The task's loss of one micro-batch, summed over its loss terms. The model sees the
+        labels only where it needs them to run (a seq2seq decoder's inputs)."""
+        labels = batch["labels"]
+        inputs = batch if self.task.labels_in_forward else {
+            k: v for k, v in batch.items() if k != "labels"
+        }  # fmt: skip
+        return self.task.loss(self.model(**inputs).logits, labels)
 
     def checkpoint_state(self, log_bytes: int) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything but the random generators that a resumed run needs (main process);

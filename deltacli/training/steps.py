@@ -1,0 +1,55 @@
+"""Which examples each optimizer step trains on, and which share of them each micro-batch of
+each process takes — the same examples for every way of splitting a step.
+
+A step takes the next `batch_size × grad_accum × processes` examples of the epoch's order.
+Micro-batch `m` of process `p` takes the `(m·processes + p)`-th slice of `batch_size` of
+them, so one process at batch 8, batch 4 × `grad_accum` 2, 2 processes × batch 4 and 2
+processes × batch 2 × `grad_accum` 2 all train on the same 8 examples per step — the last,
+shorter step included. A process whose slice is empty (the end of an epoch) still takes part
+in every micro-step, with a stand-in example whose loss counts zero: collective operations
+(DDP's gradient all-reduce, FSDP's gathers) need every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    indices: list[int]  # rows of the training table
+    counts: bool  # False: a stand-in that keeps this process in step; its loss is zeroed
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    examples: int
+    batch_size: int
+    accum: int
+    processes: int
+    rank: int
+
+    @property
+    def per_step(self) -> int:
+        return self.batch_size * self.accum * self.processes
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per epoch."""
+        return math.ceil(self.examples / self.per_step)
+
+    def step_examples(self, order: list[int], step: int) -> list[int]:
+        """Every example of one step, over all its micro-batches and processes."""
+        return order[step * self.per_step : (step + 1) * self.per_step]
+
+    def micro_batches(self, order: list[int], step: int) -> list[MicroBatch]:
+        """This process's micro-batches of one step, always `accum` of them."""
+        group = self.step_examples(order, step)
+        size = self.batch_size
+        batches = []
+        for micro in range(self.accum):
+            start = (micro * self.processes + self.rank) * size
+            indices = group[start : start + size]
+            batches.append(MicroBatch(indices, True) if indices else MicroBatch(group[:1], False))
+        return batches
