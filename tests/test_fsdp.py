@@ -107,3 +107,82 @@ def _port() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return str(probe.getsockname()[1])
+
+
+# `deltacli train` under torchrun with its model sharded by torch's FSDP2, as accelerate's FSDP
+# plugin shards it on GPUs (accelerate falls back to DDP on CPUs): `prepare` shards the
+# decoder layers and the model and points the optimizer at the sharded parameters. With
+# `kill STEP`, the process kills itself (SIGKILL) once the training log records STEP.
+FSDP_TRAIN = """
+import os, signal, sys
+import accelerate
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from deltacli.cli import main
+from deltacli.training import logs
+from deltacli.training.trainer import Trainer
+
+how, at = sys.argv.pop(1), int(sys.argv.pop(1))
+prepare = accelerate.Accelerator.prepare
+
+def sharding_prepare(self, model, *rest):
+    names = {id(p): n for n, p in model.named_parameters()}
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    sharded = dict(model.named_parameters())
+    assert all(isinstance(p, DTensor) for n, p in sharded.items() if "lora_" in n)
+    optimizer = rest[0]
+    for group in optimizer.param_groups:
+        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    return (model, *prepare(self, *rest))
+
+accelerate.Accelerator.prepare = sharding_prepare
+Trainer.sharded = property(lambda self: True)
+write = logs.MetricsLog.write
+
+def write_then_kill(self, **record):
+    write(self, **record)
+    if how == "kill" and record.get("step") == at and "loss" in record:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+logs.MetricsLog.write = write_then_kill
+sys.exit(main())
+"""
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_an_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_delta(
+    tiny_llama, instructions, tmp_path
+):
+    """Two processes, the model sharded: kill -9 after the step-2 checkpoint, `--resume`,
+    and the delta equals, bit for bit, the run that was never stopped."""
+    script = tmp_path / "fsdp_train.py"
+    script.write_text(FSDP_TRAIN)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    train = [
+        "train", "--method", "lora", "--model", str(tiny_llama), "--data",
+        str(instructions["train"]), "--eval-data", str(instructions["eval"]), "task=causal-lm",
+        "base_dtype=fp64", "data.max_length=64", "train.max_steps=5", "train.batch_size=4",
+        "train.save_every=2", "train.log_every=1", "train.lr=1e-2",
+    ]  # fmt: skip
+
+    def run(how: str, *arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [TORCHRUN, "--nproc_per_node", "2", "--master_port", _port(), str(script), how,
+             "3", *arguments],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    whole = run("none", *train, "-o", "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = run("kill", *train, "-o", "cut")
+    assert killed.returncode != 0 and not (tmp_path / "cut").exists()
+    resumed = run("none", "train", "--resume", "cut")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step-000002" in resumed.stderr
+    expected = load_file(tmp_path / "whole" / WEIGHTS_FILE)
+    got = load_file(tmp_path / "cut" / WEIGHTS_FILE)
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key

@@ -141,3 +141,18 @@ def test_sigterm_stops_with_a_checkpoint_and_exit_143(tmp_path, tiny_bert, senti
     stopped = run_offline(stopping(script, "term", 4, *args(tiny_bert, sentiment, "out")), tmp_path)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert "checkpoint saved in" in stopped.stderr and "--resume out" in stopped.stderr
+
+
+def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
+    """Each process continues its own random state: a run checkpointed by 2 processes
+    resumes with 2 (FSDP's shards are gathered whole in the file; the refusal is about the
+    per-process random state and data shares)."""
+    from safetensors.torch import save_file
+
+    from deltacli.errors import DeltacliError
+    from deltacli.training.checkpoints import STATE_JSON, STATE_TENSORS, read_checkpoint
+
+    (tmp_path / STATE_JSON).write_text(json.dumps({"processes": 2}))
+    save_file({"order": torch.zeros(1)}, tmp_path / STATE_TENSORS)
+    with pytest.raises(DeltacliError, match=r"written by 2 process\(es\); resume it with as many"):
+        read_checkpoint(tmp_path, 0, 1)

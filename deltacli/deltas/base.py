@@ -178,10 +178,16 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 def assign(param: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a full `value` into `param`, each process keeping its shard where FSDP shards it."""
-    value = value.to(device=param.device, dtype=param.dtype)
+    param.copy_(sharded_like(param, value.to(dtype=param.dtype)))
+
+
+def sharded_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A full `value` laid out as `param` is: this process's shard where FSDP shards it (an
+    optimizer's moments of a sharded parameter are sharded the same way)."""
+    value = value.to(device=param.device)
     if isinstance(param, DTensor):
-        value = distribute_tensor(value, param.device_mesh, param.placements)
-    param.copy_(value)
+        return distribute_tensor(value, param.device_mesh, param.placements)
+    return value
 
 
 def trainable_like(weight: torch.Tensor) -> dict:

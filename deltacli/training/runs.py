@@ -160,8 +160,6 @@ class RunFolder:
         self.recipe = trainer.recipe
         self.save_every = trainer.recipe.train.save_every
         self.keep = trainer.recipe.train.keep_checkpoints
-        # Sharded optimizer state (FSDP) is not checkpointed yet: such runs save at the end.
-        self.checkpoints = not trainer.sharded
         self.target = scratch.target if scratch else None
 
     @classmethod
@@ -201,15 +199,17 @@ class RunFolder:
         return log
 
     def due(self, step: int) -> bool:
-        return self.checkpoints and self.save_every is not None and step % self.save_every == 0
+        return self.save_every is not None and step % self.save_every == 0
 
     def save(self, trainer: Trainer, log: MetricsLog) -> Path:
         """A checkpoint of the trainer as it stands (every process takes part)."""
         write_random_state(self.path, self.accelerator.process_index)
         self.accelerator.wait_for_everyone()
         saved = self.path / CHECKPOINTS / checkpoint_name(trainer.step)
+        # Every process builds the state: under FSDP the delta and its optimizer moments are
+        # gathered whole from all of them (collectives). The main process writes it.
+        tensors, state = trainer.checkpoint_state(log_bytes=log.size() if self.scratch else 0)
         if self.accelerator.is_main_process:
-            tensors, state = trainer.checkpoint_state(log_bytes=log.size())
             saved = write_checkpoint(self.path, trainer.step, tensors, state, self.keep)
         self.accelerator.wait_for_everyone()
         return saved

@@ -22,6 +22,7 @@ from rich.progress import Progress
 from transformers import get_linear_schedule_with_warmup
 
 from deltacli.build import parameter_counts
+from deltacli.deltas.base import sharded_like, whole
 from deltacli.errors import DeltacliError
 from deltacli.recipe import Recipe
 from deltacli.tasks.evaluation import evaluate, generate
@@ -38,8 +39,6 @@ from deltacli.training.steps import StepPlan
 
 class Checkpoints(Protocol):
     """Where `fit` writes checkpoints (a run's folder: `runs.RunFolder`)."""
-
-    checkpoints: bool  # whether checkpoints can be written at all (not under FSDP yet)
 
     def due(self, step: int) -> bool: ...
 
@@ -285,10 +284,6 @@ class Trainer:
 
     def _checkpoint(self, log: MetricsLog, run: Checkpoints, signum: int) -> None:
         """Save a checkpoint; after a stop signal, end the run saying how to continue it."""
-        if not run.checkpoints:
-            if signum:
-                raise Interrupted(f"stopped at step {self.step} (no checkpoint: FSDP)", signum)
-            return
         self.meter.pause()
         saved = run.save(self, log)
         self.meter.resume()
@@ -403,7 +398,8 @@ class Trainer:
         return self.task.loss(self.model(**inputs).logits, labels)
 
     def checkpoint_state(self, log_bytes: int) -> tuple[dict[str, torch.Tensor], dict]:
-        """Everything but the random generators that a resumed run needs (main process);
+        """Everything but the random generators that a resumed run needs, whole (every
+        process calls this: under FSDP the delta and AdamW's moments are gathered from all);
         `log_bytes`: how long the training log is now (a resumed run cuts it back to that)."""
         optimizer = self.optimizer.state_dict()
         tensors = {f"delta.{k}": v for k, v in self.deltas.checkpoint_state().items()}
@@ -411,7 +407,7 @@ class Trainer:
         tensors["order"] = self.epoch_order
         for index, state in optimizer["state"].items():
             name = self.param_names[index]
-            tensors |= {f"optimizer.{name}.{k}": v for k, v in state.items()}
+            tensors |= {f"optimizer.{name}.{k}": whole(v) for k, v in state.items()}
         groups = [
             {k: v for k, v in group.items() if k != "params"} | {"params": group["params"]}
             for group in optimizer["param_groups"]
@@ -454,10 +450,14 @@ class Trainer:
         self.best_state = _prefixed(tensors, "best.")
         self.epoch_order = tensors["order"]
         optimizer_state = {}
+        params = self.deltas.parameters()
         for index, name in enumerate(self.param_names):
             moments = _prefixed(tensors, f"optimizer.{name}.")
-            if moments:
-                optimizer_state[index] = moments
+            if moments:  # a moment of a sharded parameter is sharded like it
+                optimizer_state[index] = {
+                    k: v if v.ndim == 0 else sharded_like(params[name], v)
+                    for k, v in moments.items()
+                }
         self.optimizer.load_state_dict(
             {"state": optimizer_state, "param_groups": state["optimizer_groups"]}
         )
