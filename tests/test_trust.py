@@ -288,3 +288,11 @@ def test_training_off_a_terminal_prints_plain_progress_lines(fx, cli, tmp_path):
     lines = [line for line in err.splitlines() if " step " in line]
     assert [line.split(" step ")[1].split(" ")[0] for line in lines] == ["2/4", "4/4"], err
     assert all("loss" in line and "samples/s" in line and "ETA" in line for line in lines)
+
+
+def test_report_csv_into_a_missing_folder_creates_it(fx, cli, tmp_path):
+    code, _, err = cli("report", fx["lora"], "--csv", tmp_path / "new" / "deeper" / "t.csv")
+    assert code == 0, err
+    header = (tmp_path / "new" / "deeper" / "t.csv").read_text().splitlines()[0]
+    assert header.startswith("method,trainable,share,metric,mean,std")
+    assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == ["t.csv"]  # no partial
