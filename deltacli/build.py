@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from deltacli.models.loading import (
 )
 from deltacli.models.precision import mixed_precision, stored_dtype
 from deltacli.recipe import Recipe
-from deltacli.storage.delta_folder import SavedDelta, write_delta
+from deltacli.storage.delta_folder import SavedDelta, read_delta, write_delta
 from deltacli.storage.peft_format import peft_config
 
 
@@ -87,6 +88,57 @@ def save_values(
     peft = peft_config(deltas, recipe.task, resolve(recipe.model))
     tensors = {keys[name]: value for name, value in values.items()}
     write_delta(folder, recipe, tensors, metrics, peft, home)
+
+
+def start_from_saved(deltas: DeltaSet, recipe: Recipe, notice: Callable[[str], None]) -> None:
+    """`deltas.N.init_from`: each such delta starts from the saved delta's tensors of its
+    kind (same base, same targets and sizes, or one line saying what differs). The task
+    head comes along where it was trained for the same labels; otherwise it starts fresh,
+    and says so."""
+    for index, (config, delta) in enumerate(zip(recipe.deltas, deltas.deltas, strict=True)):
+        if not config.init_from:
+            continue
+        where = f"deltas.{index}.init_from"
+        source = read_delta(Path(config.init_from))
+        kinds = [c.kind for c in source.recipe.deltas]
+        if delta.kind not in kinds:
+            raise DeltacliError(
+                f"{where}: {config.init_from} holds {' + '.join(kinds)}, not a {delta.kind} "
+                "delta; start from a delta of the same kind"
+            )
+        expected = delta.export()[1]
+        values = {}
+        for name, tensor in expected.items():
+            key = delta.peft_key(name)
+            saved = source.tensors.get(key)
+            if saved is None or saved.shape != tensor.shape:
+                found = "no such tensor" if saved is None else f"shape {tuple(saved.shape)}"
+                raise DeltacliError(
+                    f"{where}: {config.init_from} does not fit this {delta.kind} delta ({key}: "
+                    f"{found}, expected {tuple(tensor.shape)}); same base, targets and sizes?"
+                )
+            values[name] = saved
+        delta.load(values)
+        if deltas.head is not None:
+            _head_from(deltas, source, recipe, notice, where)
+
+
+def _head_from(
+    deltas: DeltaSet, source: SavedDelta, recipe: Recipe, notice: Callable[[str], None], where: str
+) -> None:
+    head = deltas.head
+    keys = {name: deltas.keys()[name] for name in head.saved_names()}
+    fits = source.recipe.data.labels == recipe.data.labels and all(
+        key in source.tensors and source.tensors[key].shape == head.params[name].shape
+        for name, key in keys.items()
+    )
+    if not fits:
+        notice(
+            f"{where}: the task head starts fresh (it was trained for labels "
+            f"{source.recipe.data.labels}; this run has {recipe.data.labels})"
+        )
+        return
+    head.load({name: source.tensors[key] for name, key in keys.items()})
 
 
 def check_attaches(recipe: Recipe, config: PretrainedConfig | None = None) -> None:

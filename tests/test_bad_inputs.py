@@ -743,6 +743,19 @@ CASES = [
         "PEFT cannot load this delta",
         setup=delta_copy("delta", lambda d: (d / "adapter_config.json").write_text("{,")),
     ),
+    Case(
+        "weights that do not fit their config",
+        lambda f, fx: ["train", "--method", "lora", *base(fx), "--model", f / "m", "-o", f / OUT],
+        "has another shape than its config gives",
+        setup=lambda f, fx: (
+            shutil.copytree(fx["bert"], f / "m"),
+            (f / "m" / "config.json").write_text(
+                (f / "m" / "config.json")
+                .read_text()
+                .replace('"intermediate_size": 64', '"intermediate_size": 48')
+            ),
+        ),
+    ),
     # faults once training runs
     Case(
         "diverging loss",

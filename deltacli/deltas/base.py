@@ -40,6 +40,12 @@ class DeltaConfig:
         POSITIVE,
         kw_only=True,
     )
+    init_from: str | None = option(
+        None,
+        "start from this saved delta's tensors (a delta folder with a delta of this kind on "
+        "the same base: SFT before DPO, or another task's delta); null: the kind's own start",
+        kw_only=True,
+    )
 
     def __post_init__(self) -> None:
         check_ranges(self, f"{self.kind} ")

@@ -206,7 +206,21 @@ def load_model(
     if quantize:
         options |= quantization(quantize, device)
     model_class = task_entry(task).model_class
+    if labels is not None:
+        # A checkpoint fine-tuned for other labels has a head of another size: it is
+        # re-initialised (the run trains it), and nothing but a head may differ.
+        options |= {"ignore_mismatched_sizes": True, "output_loading_info": True}
     model = _from_hub(model_class.from_pretrained, spec, config=config, **options)
+    if labels is not None:
+        model, info = model
+        body = sorted(
+            k for k, *_ in info.get("mismatched_keys", ()) if k.split(".")[0] not in HEADS
+        )
+        if body:
+            raise DeltacliError(
+                f"{spec}'s tensor {body[0]} has another shape than its config gives; "
+                "is the config right for these weights?"
+            )
     if quantize:
         keep_training_layout(model)
     return model

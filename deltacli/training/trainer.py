@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import Progress
 from transformers import get_linear_schedule_with_warmup
 
-from deltacli.build import parameter_counts
+from deltacli.build import parameter_counts, start_from_saved
 from deltacli.deltas.base import sharded_like, whole
 from deltacli.errors import DeltacliError
 from deltacli.recipe import Recipe
@@ -90,6 +90,7 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
+            start_from_saved(self.deltas, self.recipe, self.notice)
             # Deltas that look at data first (SIFT picks its entries) do so on the plain module.
             unwrapped = self.accelerator.unwrap_model(self.model)
             self.deltas.calibrate(unwrapped, self._calibration_batches(), self.accelerator)
