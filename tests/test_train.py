@@ -231,3 +231,22 @@ def test_throughput_counts_no_time_while_paused(monkeypatch):
     meter.resume()
     now[0] = 110.0
     assert meter.rate == pytest.approx(2.5)
+
+
+def test_lora_plus_trains_b_at_its_ratio_of_a_s_rate_and_saves_a_plain_lora(
+    tiny_bert, sentiment, tmp_path
+):
+    """LoRA+ (`lr_ratio`): AdamW's groups put B at ratio × A's rate; the delta it writes is
+    an ordinary LoRA (PEFT's adapter_config.json has no LoRA+ field: it is how one trains)."""
+    recipe = tiny_recipe(tiny_bert, sentiment, {"kind": "lora", "r": 4, "lr_ratio": 16}, lr=1e-3)
+    trainer = Trainer(recipe, console=None)
+    names = iter(trainer.param_names)  # the groups' parameters, in order
+    peak = {
+        next(names): g["initial_lr"] for g in trainer.optimizer.param_groups for _ in g["params"]
+    }
+    b = [rate for name, rate in peak.items() if ".lora_B." in name]
+    a = [rate for name, rate in peak.items() if ".lora_A." in name]
+    assert b and a and b == pytest.approx([1.6e-2] * len(b)) and a == pytest.approx([1e-3] * len(a))
+    result = train(recipe, tmp_path / "delta")
+    config = json.loads((tmp_path / "delta" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and result.metrics["eval"]["loss"] > 0

@@ -123,6 +123,11 @@ class Delta(ABC):
             for name, param in self.params.items():
                 assign(param, values[name])
 
+    def learning_rates(self, rate: float) -> dict[str, float]:
+        """Each trained tensor's peak learning rate, given the delta's own: one rate for all,
+        unless a kind sets them apart (LoRA+: B faster than A)."""
+        return dict.fromkeys(self.params, rate)
+
     def calibrate(  # noqa: B027 (an optional hook: most kinds need no data)
         self, model: nn.Module, batches: Iterable[dict], accelerator: Any
     ) -> None:

@@ -18,7 +18,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from deltacli.config.schema import AT_LEAST_ONE, FRACTION, option
+from deltacli.config.schema import AT_LEAST_ONE, FRACTION, POSITIVE, option
 from deltacli.deltas.base import (
     Delta,
     DeltaConfig,
@@ -48,6 +48,12 @@ class LoraConfig(DeltaConfig):
         None, "module-name patterns; null: the architecture's preset; [all-linear]: every linear"
     )
     rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski, 2023)")
+    lr_ratio: float | None = option(
+        None,
+        "LoRA+ (Hayou et al., 2024): B learns at this multiple of A's rate (they suggest 16); "
+        "null: one rate",
+        POSITIVE,
+    )
 
 
 def _add_low_rank(scaling: float, module: nn.Module, args: tuple, output: torch.Tensor):
@@ -76,6 +82,11 @@ class Lora(Delta):
     peft_type = "LORA"
     mergeable = True
     config: LoraConfig
+
+    def learning_rates(self, rate: float) -> dict[str, float]:
+        """LoRA+: B at `lr_ratio` times A's rate (a saved LoRA+ delta is a plain LoRA)."""
+        ratio = self.config.lr_ratio or 1.0
+        return {name: rate * ratio if ".lora_B." in name else rate for name in self.params}
 
     @property
     def scaling(self) -> float:

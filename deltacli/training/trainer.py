@@ -138,8 +138,8 @@ class Trainer:
         config = self.recipe.train
         rate = {}
         for delta in self.deltas.members:
-            for name in delta.params:
-                rate.setdefault(name, delta.config.lr or config.lr)
+            for name, lr in delta.learning_rates(delta.config.lr or config.lr).items():
+                rate.setdefault(name, lr)
         params = self.deltas.parameters()
         groups: dict[tuple[bool, float], dict] = {}
         for matrix in (True, False):
