@@ -127,7 +127,8 @@ def _head_from(
     deltas: DeltaSet, source: SavedDelta, recipe: Recipe, notice: Callable[[str], None], where: str
 ) -> None:
     head = deltas.head
-    keys = {name: deltas.keys()[name] for name in head.saved_names()}
+    every = deltas.keys()
+    keys = {name: every[name] for name in head.saved_names()}
     fits = source.recipe.data.labels == recipe.data.labels and all(
         key in source.tensors and source.tensors[key].shape == head.params[name].shape
         for name, key in keys.items()

@@ -21,6 +21,11 @@ class VerificationError(DeltacliError):
     exit_code = 1
 
 
+def first_line(error: BaseException) -> str:
+    """What a library's exception says, in one line (its type where it says nothing)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def did_you_mean(word: str, choices: list[str]) -> str:
     """` (did you mean 'lora'?)` when a choice is close to `word`, else nothing."""
     close = difflib.get_close_matches(word, choices, n=1)

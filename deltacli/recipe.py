@@ -76,8 +76,9 @@ def recipe_keys(name: str | None = None) -> list[KeyHelp]:
     or for every kind without it (each key's help then starts with its kind)."""
     listed = describe(Recipe, skip=("deltas",))
     if name is None:
-        shared = {key.key for key in describe(DeltaConfig, "deltas.N.")}
-        listed += describe(DeltaConfig, "deltas.N.")
+        common = describe(DeltaConfig, "deltas.N.")  # what every kind takes (lr, init_from)
+        shared = {key.key for key in common}
+        listed += common
         for kind in sorted(KINDS):
             for key in describe(kind_class(kind).config_class, "deltas.N."):
                 if key.key not in shared:

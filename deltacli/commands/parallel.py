@@ -63,9 +63,9 @@ def run_local(
     import torch
 
     # One slot: the run has the machine, and its progress shows in the terminal.
-    environments = slots(width, torch.cuda.device_count(), os.cpu_count() or 1)
-    if width == 1:
-        environments = [{}]
+    environments = (
+        slots(width, torch.cuda.device_count(), os.cpu_count() or 1) if width > 1 else [{}]
+    )
     (folder / LOGS).mkdir(exist_ok=True)
     waiting, running, failed = list(jobs), {}, []
     free = list(range(width))
@@ -110,8 +110,10 @@ def run_submitit(
     if cluster == "slurm":
         executor.update_parameters(slurm_array_parallelism=width)
     failed = []
-    for start in range(0, len(jobs), width if cluster != "slurm" else len(jobs)):
-        wave = jobs[start : start + (width if cluster != "slurm" else len(jobs))]
+    # Slurm runs `width` at once itself (array parallelism); the local executor does not.
+    size = max(len(jobs), 1) if cluster == "slurm" else width
+    for start in range(0, len(jobs), size):
+        wave = jobs[start : start + size]
         submitted = [
             (job, executor.submit(CommandFunction(command(job, launch), cwd=str(Path.cwd()))))
             for job in wave

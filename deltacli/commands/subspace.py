@@ -295,7 +295,8 @@ def decode(
     if (z_delta is None) == (point is None):
         raise DeltacliError("decode one point: a delta trained in the subspace, or --point")
     check_output(output, overwrite)
-    check_apart(output, [("fitted space", space_folder), ("delta", z_delta or space_folder)])
+    inputs = [("fitted space", space_folder), *([("delta", z_delta)] if z_delta else [])]
+    check_apart(output, inputs)
     space = read_space(space_folder)
     method = space.method(to)
     if z_delta is not None:

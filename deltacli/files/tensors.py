@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deltacli.errors import DeltacliError
+from deltacli.errors import DeltacliError, first_line
 
 _OS_ERROR = re.compile(r"os error (\d+)")
 
@@ -28,8 +28,9 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise DeltacliError(f"{path} is not a valid safetensors file ({reason})") from None
+        raise DeltacliError(
+            f"{path} is not a valid safetensors file ({first_line(error)})"
+        ) from None
 
 
 def save_tensors(

@@ -18,7 +18,7 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer
 
-from deltacli.errors import DeltacliError
+from deltacli.errors import DeltacliError, first_line
 from deltacli.models.architectures import HEADS, LM_HEADS
 from deltacli.models.precision import base_dtype
 from deltacli.models.weights import check_files
@@ -84,7 +84,7 @@ def local_dir(spec: str) -> Path:
     try:
         return Path(huggingface_hub.snapshot_download(resolved, allow_patterns=_SNAPSHOT_FILES))
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise DeltacliError(
             f"cannot fetch model {spec!r} from the Hugging Face Hub ({reason}); "
             "pass a local directory"
@@ -108,14 +108,13 @@ def _from_hub(loader, spec: str, **kwargs):
             raise DeltacliError(
                 f"reading {spec} needs the gguf package: pip install 'deltacli[instruct]'"
             ) from None
+        reason = first_line(error)
         if "gguf_file" in kwargs:  # the GGUF reader fails in many ways on a damaged file
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise DeltacliError(
                 f"cannot read GGUF file {spec} ({reason}): is it cut short or damaged?"
             ) from None
         if not isinstance(error, OSError | ValueError | KeyError | SafetensorError):
             raise
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         if "trust_remote_code" in str(error):
             raise DeltacliError(
                 f"cannot load model {spec!r}: it needs its own Python code (auto_map), which "
@@ -210,9 +209,10 @@ def load_model(
         # A checkpoint fine-tuned for other labels has a head of another size: it is
         # re-initialised (the run trains it), and nothing but a head may differ.
         options |= {"ignore_mismatched_sizes": True, "output_loading_info": True}
-    model = _from_hub(model_class.from_pretrained, spec, config=config, **options)
+    loaded = _from_hub(model_class.from_pretrained, spec, config=config, **options)
+    model = loaded
     if labels is not None:
-        model, info = model
+        model, info = loaded
         body = sorted(
             k for k, *_ in info.get("mismatched_keys", ()) if k.split(".")[0] not in HEADS
         )
@@ -290,8 +290,9 @@ def build_on_meta(
         with torch.device("meta"):
             return task_entry(task).model_class.from_config(config, dtype=stored)
     except (ValueError, TypeError, AttributeError, RuntimeError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise DeltacliError(f"cannot build a model from {spec}'s config: {reason}") from None
+        raise DeltacliError(
+            f"cannot build a model from {spec}'s config: {first_line(error)}"
+        ) from None
 
 
 # Far above any published model (the deepest have a few hundred): a config past it is a typo

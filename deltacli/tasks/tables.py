@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from deltacli.config.sections import DataConfig
-from deltacli.errors import DeltacliError
+from deltacli.errors import DeltacliError, first_line
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
@@ -58,7 +58,7 @@ def load_table(spec: str, hub_config: str | None = None) -> datasets.Dataset:
     try:
         return datasets.load_dataset(name, hub_config, split=split or "train")
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise DeltacliError(
             f"cannot load data {spec!r}: not a local file, not a bundled sample "
             f"({', '.join(sorted(bundled))}), and not a reachable Hub dataset ({reason})"

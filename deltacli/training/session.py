@@ -48,7 +48,6 @@ class Session:
     accelerator: Accelerator
     model: nn.Module
     deltas: DeltaSet
-    stored: torch.dtype  # what the frozen base is held in
 
     def batches(self, table: Any, batch_size: int, shuffle: bool = False) -> DataLoader:
         """Batches of one of the data's tables, padded by the task's collator (shuffled
@@ -83,4 +82,4 @@ def open_session(
     model, deltas = prepare_model(
         recipe, device=accelerator.device, stored=stored, config=with_labels(config, labels)
     )
-    return Session(recipe, recipe.task_entry, tokenizer, loaded, accelerator, model, deltas, stored)
+    return Session(recipe, recipe.task_entry, tokenizer, loaded, accelerator, model, deltas)

@@ -8,6 +8,7 @@ tensors to save; the same loop runs on one CPU, one GPU, or many processes under
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -74,12 +75,6 @@ class Trainer:
             # Non-reentrant checkpointing needs no input that requires grad (the base is frozen).
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
         self._setup_optimisation()
-        self.fingerprint = {
-            "training data": data_fingerprint(self.data.train),
-            "eval data": data_fingerprint(self.data.eval),
-            "base_dtype": str(self.recipe.base_dtype),
-            "quantize": str(self.recipe.quantize),
-        }
         self.step, self.epoch, self.position = 0, 1, 0
         self._since: tuple[float, int] | None = None  # when plain progress lines began
         self.meter, self.history, self.best = Throughput(), [], None
@@ -97,6 +92,17 @@ class Trainer:
             self.epoch_order = self.order.get_state()
             self.initial = self.deltas.export_initial()
         self._announce(checkpoint)
+
+    @functools.cached_property
+    def fingerprint(self) -> dict[str, str]:
+        """What a resumed run must not change, by name: the tokenised data (hashed when a
+        checkpoint is first written or read, not at every start) and how the base is held."""
+        return {
+            "training data": data_fingerprint(self.data.train),
+            "eval data": data_fingerprint(self.data.eval),
+            "base_dtype": str(self.recipe.base_dtype),
+            "quantize": str(self.recipe.quantize),
+        }
 
     def _setup_optimisation(self) -> None:
         config = self.recipe.train
@@ -319,7 +325,7 @@ class Trainer:
         for index in range(self.plan.steps):
             for batch, counts in self.micro_batches(order, index):
                 if counts:
-                    yield send_to_device(batch, self.accelerator.device)
+                    yield batch
 
     def epoch_permutation(self) -> list[int]:
         """The epoch's order of the training rows, drawn from the generator as the epoch
@@ -329,10 +335,12 @@ class Trainer:
 
     def micro_batches(self, order: list[int], index: int) -> list[tuple[dict, bool]]:
         """This process's micro-batches of step `index`, collated and on its device."""
+        device = self.accelerator.device
         return [
-            (self.collate([self.data.train[i] for i in micro.indices]), micro.counts)
+            (send_to_device(self.collate([self.data.train[i] for i in micro.indices]), device),
+             micro.counts)
             for micro in self.plan.micro_batches(order, index)
-        ]
+        ]  # fmt: skip
 
     def _evaluate_epoch(self, log: MetricsLog) -> None:
         """Score the eval set; remember this epoch's delta if it is the best so far."""
@@ -376,7 +384,6 @@ class Trainer:
         micro_batches = self.micro_batches(order, index)
         total = torch.zeros((), device=self.accelerator.device)
         for number, (batch, counts) in enumerate(micro_batches):
-            batch = send_to_device(batch, self.accelerator.device)
             last = number == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
             with sync:
