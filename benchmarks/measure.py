@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def measured(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
@@ -55,3 +61,37 @@ def budget_overrides(args: argparse.Namespace) -> list[str]:
     if args.rows:
         overrides.append(f"data.max_train_rows={args.rows}")
     return overrides
+
+
+def write_results(name: str, what: str, rows: list[dict], **extra) -> Path:
+    """A raw results file in benchmarks/results/: what ran, the exact command, the commit
+    (with `+dirty` for uncommitted changes), the date and machine, and every run's figures."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout
+
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no").strip():
+        commit += "+dirty"
+    today = datetime.date.today().isoformat()
+    record = {
+        "what": what,
+        "date": today,
+        "commit": commit,
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+        f"{_cpus()} CPU(s), Python {platform.python_version()}",
+        **extra,
+        "runs": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}-{today}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))

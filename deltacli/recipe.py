@@ -57,6 +57,11 @@ class Recipe:
                 f"train.best_metric for {self.task} must be one of {', '.join(entry.metrics)} "
                 f"(or auto); got {self.train.best_metric!r}"
             )
+        if self.train.loss != "auto" and not entry.pairs:
+            raise DeltacliError(
+                f"train.loss={self.train.loss} is a preference loss; set task: preference "
+                f"(the {self.task} task has its own loss: leave train.loss at auto)"
+            )
 
     @property
     def task_entry(self) -> Task:

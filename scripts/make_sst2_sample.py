@@ -4,6 +4,8 @@
 slice of the GLUE training set and the whole 872-row dev set, copied line for line.
 `sst2_chat/` asks the same reviews as chat questions (`messages`, answered with one word) for
 the instruction-tuning demo: the first `--chat-rows` training rows and 200 dev rows.
+`sst2_pref/` holds the same rows as preference pairs (the preference demo): the question as
+the prompt, the right one-word answer chosen and the other rejected.
 
     python scripts/make_sst2_sample.py ../shared/data/sst2 --rows 2000
 """
@@ -35,6 +37,12 @@ def main() -> None:
     chat.mkdir(exist_ok=True)
     (chat / "train.jsonl").write_text(_as_chat(sample[: args.chat_rows]), encoding="utf-8")
     (chat / "validation.jsonl").write_text(_as_chat(dev.splitlines(True)[1:201]), encoding="utf-8")
+    pairs = SAMPLES / "sst2_pref"
+    pairs.mkdir(exist_ok=True)
+    (pairs / "train.jsonl").write_text(_as_pairs(sample[: args.chat_rows]), encoding="utf-8")
+    (pairs / "validation.jsonl").write_text(
+        _as_pairs(dev.splitlines(True)[1:201]), encoding="utf-8"
+    )
 
 
 def _as_chat(rows: list[str]) -> str:
@@ -47,6 +55,21 @@ def _as_chat(rows: list[str]) -> str:
             {"role": "assistant", "content": "positive" if label == "1" else "negative"},
         ]
         lines.append(json.dumps({"messages": messages}) + "\n")
+    return "".join(lines)
+
+
+def _as_pairs(rows: list[str]) -> str:
+    """One JSON line a review, in TRL's conversational preference format."""
+    lines = []
+    for row in rows:
+        sentence, label = row.rstrip("\n").split("\t")
+        right, wrong = ("positive", "negative") if label == "1" else ("negative", "positive")
+        record = {
+            "prompt": [{"role": "user", "content": QUESTION + "Review: " + sentence.strip()}],
+            "chosen": [{"role": "assistant", "content": right}],
+            "rejected": [{"role": "assistant", "content": wrong}],
+        }
+        lines.append(json.dumps(record) + "\n")
     return "".join(lines)
 
 

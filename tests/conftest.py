@@ -23,6 +23,7 @@ from helpers import (
     SPECIAL,
     instruction_rows,
     pair_rows,
+    preference_rows,
     sentiment_rows,
     tiny_model,
     word_tokenizer,
@@ -137,6 +138,16 @@ def pairs(tmp_path_factory) -> dict[str, Path]:
     return {
         "train": write_jsonl(folder / "train.jsonl", pair_rows(96, 1)),
         "eval": write_jsonl(folder / "dev.jsonl", pair_rows(32, 2)),
+    }
+
+
+@pytest.fixture(scope="session")
+def preferences(tmp_path_factory) -> dict[str, Path]:
+    """Preference pairs as strings: 64 to train on, 32 to evaluate."""
+    folder = tmp_path_factory.mktemp("preferences")
+    return {
+        "train": write_jsonl(folder / "train.jsonl", preference_rows(64, seed=1)),
+        "eval": write_jsonl(folder / "dev.jsonl", preference_rows(32, seed=2)),
     }
 
 

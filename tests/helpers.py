@@ -167,6 +167,24 @@ def pair_rows(count: int, seed: int) -> list[dict]:
     ]
 
 
+def preference_rows(count: int, seed: int, conversational: bool = False) -> list[dict]:
+    """Preference pairs: a review, its right polarity word chosen, the other rejected (as
+    strings, or as TRL's conversational message lists)."""
+    rows = []
+    for text, label in sentiment_rows(count, seed):
+        right, wrong = ("positive", "negative") if label == "pos" else ("negative", "positive")
+        prompt = f"what is the sentiment of this review : {text} "
+        if conversational:
+            rows.append({
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": right}],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            })  # fmt: skip
+        else:
+            rows.append({"prompt": prompt, "chosen": right, "rejected": wrong})
+    return rows
+
+
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
     path.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
     return path
@@ -206,6 +224,7 @@ _COLUMNS = {
     "sequence-classification": {"text": "text"},
     "causal-lm": {"max_length": 64},
     "seq2seq": {"text": "source", "target": "target", "max_length": 64},
+    "preference": {"max_length": 64},
 }
 
 

@@ -11,15 +11,17 @@ from pathlib import Path
 from accelerate import Accelerator
 from torch import nn
 
-from deltacli.config.sections import DataConfig
+from deltacli.config.sections import DataConfig, TrainConfig
 from deltacli.errors import DeltacliError
 from deltacli.models.loading import config_labels, load_config, load_model, load_tokenizer
 from deltacli.recipe import Recipe
 from deltacli.storage.delta_folder import read_delta
 from deltacli.tasks.evaluation import evaluate, generate, generation_metrics
+from deltacli.tasks.preference import PreferenceLoss
 from deltacli.tasks.registry import DEFAULT, Task
 from deltacli.tasks.registry import task as task_entry
 from deltacli.tasks.tables import TaskData, batches, load_table
+from deltacli.training.preference import with_reference
 from deltacli.training.runtime import make_accelerator
 from deltacli.training.session import open_session
 
@@ -44,10 +46,17 @@ def score_delta(
     recipe = dataclasses.replace(saved.recipe, data=_with_columns(saved.recipe.data, columns))
     table = load_table(data, recipe.data.hub_config)
     session = open_session(recipe, data=partial(_scored, table, data))
-    saved.load_into(session.deltas)
     scored = session.data.eval
+    if PreferenceLoss.from_train(recipe.train).needs_reference and session.task.pairs:
+        # The reference is the base: scored before the delta is loaded into it.
+        session.deltas.hold_reference()
+        collate = session.task.collate(session.tokenizer, scored)
+        scored = with_reference(session.model, session.deltas, scored, collate, batch_size,
+                                session.accelerator)  # fmt: skip
+        session.deltas.release_reference()
+    saved.load_into(session.deltas)
     metrics = _score(session.model, session.tokenizer, scored, batch_size, session.task,
-                     session.accelerator, session.data.labels)  # fmt: skip
+                     session.accelerator, session.data.labels, recipe.train)  # fmt: skip
     if generation is not None:
         task = session.task
         if task.prompts is None:
@@ -124,7 +133,8 @@ def _score(
     task: Task,
     accelerator: Accelerator,
     labels: list | None,
+    train: TrainConfig | None = None,
 ) -> dict[str, float]:
     loader = batches(table, task.collate(tokenizer, table), batch_size, False)
     model, loader = accelerator.prepare(model, loader)
-    return evaluate(model, loader, accelerator, task, labels)
+    return evaluate(model, loader, accelerator, task, labels, train)

@@ -98,6 +98,28 @@ class TrainConfig:
         "no", "autocast precision passed to accelerate (GPU; the CPU runs fp32)"
     )
     cpu: bool = option(False, "train on the CPU even where an accelerator is present")
+    loss: Literal["auto", "dpo", "ipo", "simpo", "orpo"] = option(
+        "auto",
+        "preference: dpo (sigmoid), ipo, simpo (no reference) or orpo (SFT + odds ratio, no "
+        "reference); auto: dpo for preference, the task's own loss otherwise",
+    )
+    beta: float | None = option(
+        None,
+        "preference: β, the strength of the loss (DPO's KL weight); null: dpo/ipo/orpo 0.1, "
+        "simpo 2.0",
+        POSITIVE,
+    )
+    simpo_gamma: float = option(0.5, "simpo: the target reward margin γ", NOT_NEGATIVE)
+    label_smoothing: float = option(
+        0.0,
+        "dpo/simpo: the share of pairs assumed mislabelled (conservative DPO, cDPO)",
+        Range(0, 0.5, False, True),
+    )
+    reference: Literal["base", "precomputed"] = option(
+        "base",
+        "dpo/ipo: the reference is the base (the deltas switched off), run beside each step; "
+        "precomputed: its log-probabilities computed once before training instead",
+    )
     report_to: list[str] = option(
         [],
         "experiment trackers accelerate logs to, e.g. [tensorboard] or [wandb, mlflow] (each "

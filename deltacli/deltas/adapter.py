@@ -100,7 +100,7 @@ class Adapter(Delta):
                 if source is None:
                     raise DeltacliError(f"no module to read for {name} in its layer")
                 hook = partial(self._remember, name)
-                self.add_hook(modules[source].register_forward_pre_hook(hook, with_kwargs=True))
+                self.add_hook(modules[source].register_forward_pre_hook, hook, with_kwargs=True)
         for name in written:
             module = modules[name]
             if not is_linear(module):
@@ -109,7 +109,7 @@ class Adapter(Delta):
             adapter = Bottleneck(width, config.r, config.activation, trainable_like(module.weight))
             slot = _free_name(module, "adapter")
             self.add_module(module, slot, adapter)
-            self.add_hook(module.register_forward_hook(partial(self._add, name, adapter)))
+            self.add_hook(module.register_forward_hook, partial(self._add, name, adapter))
             for param_name, param in adapter.named_parameters():
                 self.params[f"{name}.{slot}.{param_name}"] = param
 

@@ -8,14 +8,16 @@ save, and how saved tensors are named in PEFT's format. They never ask which kin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.hooks import RemovableHandle
 
 from deltacli.config.schema import POSITIVE, check_ranges, option
 from deltacli.errors import DeltacliError, did_you_mean
@@ -66,11 +68,13 @@ class Delta(ABC):
     needs_base: ClassVar[bool] = True  # its increments depend on the base weight existing
     shardable: ClassVar[bool] = True  # trains on FSDP's shards (does not write into W)
     initial_from_base: ClassVar[bool] = False  # starts from the base's own values
+    switchable: ClassVar[bool] = True  # can be switched off (a preference reference pass)
 
     def __init__(self, config: DeltaConfig) -> None:
         self.config = config
         self.params: dict[str, nn.Parameter] = {}
         self._undo: list[Callable[[], object]] = []
+        self.enabled = True  # off: the model computes as its base does (`DeltaSet.switched_off`)
 
     @abstractmethod
     def attach(self, model: nn.Module) -> None:
@@ -94,8 +98,14 @@ class Delta(ABC):
         owner.register_buffer(name, tensor)
         self._undo.append(lambda: delattr(owner, name))
 
-    def add_hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
-        self._undo.append(handle.remove)
+    def add_hook(self, register: Callable[..., RemovableHandle], hook: Callable, **options) -> None:
+        """Register `hook` through `register` (a module's `register_forward_hook` ...), gated
+        so that it acts only while the delta is on."""
+
+        def gated(*args, **kwargs):
+            return hook(*args, **kwargs) if self.enabled else None
+
+        self._undo.append(register(gated, **options).remove)
 
     def on_detach(self, undo: Callable[[], object]) -> None:
         """Anything else `detach` must undo (restoring a setting, a weight)."""
@@ -106,6 +116,20 @@ class Delta(ABC):
         while self._undo:
             self._undo.pop()()
         self.params = {}
+
+    def switch(self, on: bool) -> None:
+        """Turn the delta on or off; off, the model computes what its base computes (a
+        preference run's reference). Hooks stop acting; a kind that writes into the base's
+        tensors also puts the base's values back while off."""
+        self.enabled = on
+
+    def hold_reference(self) -> int:
+        """Keep what switching off needs that the model does not hold (specification kinds:
+        the base's values of the tensors they train); returns its size in bytes."""
+        return 0
+
+    def release_reference(self) -> None:  # noqa: B027 (most kinds hold nothing)
+        """Drop what `hold_reference` kept."""
 
     def export(self) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         """The config and tensors to save: by default the trained parameters as they are
@@ -354,6 +378,27 @@ class DeltaSet:
         with torch.no_grad():
             for name, param in self.parameters().items():
                 assign(param, tensors[name])
+
+    def hold_reference(self) -> int:
+        """Ready every delta to be switched off (see `Delta.hold_reference`): the bytes kept."""
+        return sum(delta.hold_reference() for delta in self.deltas)
+
+    def release_reference(self) -> None:
+        for delta in self.deltas:
+            delta.release_reference()
+
+    @contextlib.contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """The base model, for as long as the block runs: every delta off (the task head, a
+        new module with no base value, stays). A preference run's reference policy is the
+        same model in memory, not a copy."""
+        for delta in self.deltas:
+            delta.switch(False)
+        try:
+            yield
+        finally:
+            for delta in self.deltas:
+                delta.switch(True)
 
     def detach(self) -> None:
         for delta in reversed(self.members):

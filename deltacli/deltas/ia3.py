@@ -100,9 +100,9 @@ class IA3(Delta):
             like = trainable_like(module.weight)
             self.add_parameter(module, "ia3_l", nn.Parameter(torch.ones(shape, **like)))
             if name in self.feedforward:
-                self.add_hook(module.register_forward_pre_hook(_scale_input))
+                self.add_hook(module.register_forward_pre_hook, _scale_input)
             else:
-                self.add_hook(module.register_forward_hook(_scale_output))
+                self.add_hook(module.register_forward_hook, _scale_output)
             self._modules[name] = module
             self.params[f"{name}.ia3_l"] = module.ia3_l
 

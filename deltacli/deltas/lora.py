@@ -107,7 +107,7 @@ class Lora(Delta):
             self.add_module(module, "lora_A", lora_a)
             self.add_module(module, "lora_B", lora_b)
             self.add_module(module, "lora_dropout", nn.Dropout(self.config.dropout))
-            self.add_hook(module.register_forward_hook(partial(_add_low_rank, self.scaling)))
+            self.add_hook(module.register_forward_hook, partial(_add_low_rank, self.scaling))
             self.params[f"{name}.lora_A.weight"] = lora_a.weight
             self.params[f"{name}.lora_B.weight"] = lora_b.weight
         self._modules = [modules[name] for name in self.targets]

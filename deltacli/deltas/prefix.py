@@ -44,7 +44,7 @@ _FEEDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _prefixed_attention(module, query, key, value, attention_mask, **kwargs):
     """sdpa attention with this layer's prefix prepended to keys and values."""
     fed = _FEEDS.get(module)
-    if fed is not None:
+    if fed is not None and fed[0].enabled:
         delta, layer = fed
         prefix_key, prefix_value = delta.layer_prefix(layer, key)
         length = prefix_key.shape[2]
@@ -139,8 +139,8 @@ class Prefix(PromptLearning):
         causal = any(getattr(modules[name], "is_causal", False) for name in attention)
         accepts = "position_ids" in inspect.signature(model.forward).parameters
         self._shifts_positions = causal and accepts
-        self.add_hook(model.register_forward_pre_hook(self._refresh, with_kwargs=True))
-        self.add_hook(model.register_forward_hook(self._release))
+        self.add_hook(model.register_forward_pre_hook, self._refresh, with_kwargs=True)
+        self.add_hook(model.register_forward_hook, self._release)
         self._current: torch.Tensor | None = None
         self.params = {f"prefix_encoder.{n}": p for n, p in encoder.named_parameters()}
 

@@ -60,7 +60,7 @@ class Prompt(PromptLearning):
         self.holder = holder
         self.causal = any(getattr(m, "is_causal", False) for m in model.modules())
         self.classifier = any(name in HEADS for name, _ in model.named_children())
-        self.add_hook(model.register_forward_pre_hook(self._prepend, with_kwargs=True))
+        self.add_hook(model.register_forward_pre_hook, self._prepend, with_kwargs=True)
         self.params = {"prompt_encoder.embedding.weight": holder.embedding.weight}
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

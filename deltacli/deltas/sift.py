@@ -139,11 +139,20 @@ class Sift(Delta):
             )
             site = self.sites[name] = _Site(module, count)
             self.on_detach(partial(_restore, site))
-            self.add_hook(module.register_forward_pre_hook(partial(self._sync, name)))
-            self.add_hook(module.register_forward_hook(partial(self._tap, name)))
+            self.add_hook(module.register_forward_pre_hook, partial(self._sync, name))
+            self.add_hook(module.register_forward_hook, partial(self._tap, name))
             self.params[f"{name}.sift_values"] = values
         if mask is not None and device.type != "meta":
             self.load(mask)
+
+    def switch(self, on: bool) -> None:
+        """Off: the base's values back at the chosen entries; on again, the next pass
+        writes the increments."""
+        if not on:
+            for site in self.sites.values():
+                _restore(site)
+                site.synced = -1
+        self.enabled = on
 
     def _sync(self, name: str, module: nn.Module, args: tuple) -> None:
         """Write base + increment into W at the chosen indices when the increment changed."""

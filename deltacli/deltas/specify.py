@@ -93,6 +93,27 @@ class Specify(Delta):
             for tensor, dtype in _train_in_full_precision(name, params[name], owner):
                 self.on_detach(partial(_recast, tensor, dtype))
         self.params = {name: params[name] for name in names}
+        self._held: dict[str, torch.Tensor] = {}
+
+    def hold_reference(self) -> int:
+        """The base's values of the trained tensors, copied: switching off swaps them in.
+        For `full` this is a second copy of the model's weights, the only honest reference
+        for a model whose every weight trains."""
+        self._held = {name: p.detach().clone() for name, p in self.params.items()}
+        return sum(t.numel() * t.element_size() for t in self._held.values())
+
+    def release_reference(self) -> None:
+        self._held = {}
+
+    def switch(self, on: bool) -> None:
+        """Swap the held base values and the trained ones (storage only: nothing is copied)."""
+        if on == self.enabled:
+            return
+        if not self._held:
+            raise RuntimeError(f"{self.kind}: hold_reference() before switching off")
+        for name, param in self.params.items():
+            param.data, self._held[name] = self._held[name], param.data
+        self.enabled = on
 
     def delta_weights(self, values: dict[str, torch.Tensor]) -> dict[str, Increment]:
         return {name: partial(_replacement, values[name].float()) for name in self.params}

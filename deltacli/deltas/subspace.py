@@ -158,6 +158,7 @@ class Subspace(Delta):
     config_class = SubspaceConfig
     config: SubspaceConfig
     shardable = False  # each parametrized tensor is computed whole from z
+    switchable = False  # its tensors are computed from z: there is no base to switch to
 
     def attach(self, model: nn.Module) -> None:
         if not self.config.subspace or not self.config.through:

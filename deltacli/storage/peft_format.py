@@ -60,7 +60,7 @@ def recipe_from_peft(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str
     task_type = config.get("task_type")
     task = by_peft_type(task_type)
     if task is None and task_type is not None:
-        supported = ", ".join(t.peft_task_type for t in TASKS.values())
+        supported = ", ".join(sorted({t.peft_task_type for t in TASKS.values()}))
         raise DeltacliError(
             f"PEFT task_type {task_type!r} is not supported yet (supported: {supported})"
         )

@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from deltacli.config.sections import TrainConfig
 from deltacli.errors import DeltacliError
 from deltacli.tasks.registry import Task
 
@@ -20,13 +21,16 @@ def evaluate(
     accelerator: Accelerator,
     task: Task,
     labels: list | None = None,
+    train: TrainConfig | None = None,
 ) -> dict[str, float]:
     """The task's metrics over every example, gathered from all processes (duplicates that
-    pad the last batch across processes are dropped); `labels` names the classes."""
+    pad the last batch across processes are dropped); `labels` names the classes, `train`
+    the recipe's settings some scores depend on (a preference loss's β)."""
     was_training = model.training
     model.eval()
     try:
-        return task.score(model, batches, accelerator, labels)
+        options = task.score_options(train or TrainConfig())
+        return task.score(model, batches, accelerator, labels, **options)
     finally:
         model.train(was_training)
 

@@ -25,6 +25,13 @@ _ALL = (
     Metric("exact_match", "exact match", True, True),
     Metric("rouge_l", "ROUGE-L", True, True),
     Metric("bleu", "BLEU", True, False),  # sacrebleu's 0-100 scale
+    Metric("reward_accuracy", "reward accuracy", True, True),
+    Metric("reward_margin", "reward margin", True, False),
+    Metric("preference_accuracy", "log p(chosen) > log p(rejected)", True, True),
+    Metric("chosen_reward", "chosen reward", True, False),
+    Metric("rejected_reward", "rejected reward", False, False),
+    Metric("chosen_logp", "log p(chosen)", True, False),
+    Metric("rejected_logp", "log p(rejected)", False, False),
     Metric("loss", "loss", False, False),
 )
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}

@@ -33,6 +33,15 @@ from deltacli.tasks.generation import (
     tokens_for_scoring,
 )
 from deltacli.tasks.losses import class_loss, class_units, token_loss, token_units
+from deltacli.tasks.preference import (
+    pad_pairs,
+    pair_prompts,
+    pair_units,
+    pairs_for_scoring,
+    prepare_pairs,
+    score_options,
+    score_pairs,
+)
 from deltacli.tasks.scoring import score_classes, score_tokens
 from deltacli.tasks.tables import TaskData, load_tables
 
@@ -49,10 +58,15 @@ class Task:
     for_scoring: Callable  # (table, data config, tokenizer, source) -> (encoded, labels)
     collate: Callable  # (tokenizer, encoded table) -> collator
     score: Callable  # (model, batches, accelerator, label names) -> metrics
-    loss: Callable  # (logits, labels) -> the summed training loss of a batch
+    loss: Callable | None  # (logits, labels) -> the summed training loss; None: pairs
     units: Callable  # (one example's labels) -> how many terms it adds to the loss
     labels_in_forward: bool  # the model needs the labels to run (seq2seq: decoder inputs)
     prompts: Callable | None = None  # (table, data config, tokenizer) -> (prompt, reference)
+    units_column: str = "labels"  # the encoded column `units` reads
+    # Learns from pairs of answers: the trainer's preference step (with its reference pass)
+    # computes the loss, as `train.loss` says.
+    pairs: bool = False
+    score_options: Callable = lambda train: {}  # (train config) -> what `score` needs too
 
     def load_data(
         self,
@@ -113,7 +127,28 @@ SEQ2SEQ = Task(
     labels_in_forward=True,
     prompts=seq2seq_prompts,
 )
-TASKS: dict[str, Task] = {t.name: t for t in (CLASSIFICATION, CAUSAL_LM, SEQ2SEQ)}
+PREFERENCE = Task(
+    name="preference",
+    model_class=AutoModelForCausalLM,
+    peft_task_type="CAUSAL_LM",
+    architectures=("ForCausalLM", "LMHeadModel"),
+    metrics=("reward_accuracy", "reward_margin", "loss"),
+    generative=True,
+    prepare=prepare_pairs,
+    for_scoring=pairs_for_scoring,
+    collate=pad_pairs,
+    score=score_pairs,
+    loss=None,
+    units=pair_units,
+    labels_in_forward=False,
+    prompts=pair_prompts,
+    units_column="chosen_labels",
+    pairs=True,
+    score_options=score_options,
+)
+# Order matters where two tasks build the same class: a saved config or PEFT's task_type
+# means the first (causal-lm, not preference).
+TASKS: dict[str, Task] = {t.name: t for t in (CLASSIFICATION, CAUSAL_LM, SEQ2SEQ, PREFERENCE)}
 DEFAULT = CLASSIFICATION.name
 
 

@@ -27,6 +27,10 @@ from deltacli.errors import DeltacliError, first_line
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
 
+# Columns computed from a model rather than read from the data (a preference run's reference
+# log-probabilities): a resumed run computes them again, so they are not fingerprinted.
+REFERENCE_COLUMNS = ("reference_chosen", "reference_rejected")
+
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -135,6 +139,7 @@ def data_fingerprint(table: datasets.Dataset) -> str:
     import pyarrow as pa
 
     digest = hashlib.sha256()
+    table = table.remove_columns([c for c in REFERENCE_COLUMNS if c in table.column_names])
     for batch in table.with_format("arrow").iter(batch_size=4096):
         batch = batch.replace_schema_metadata(None)  # datasets' own cache fingerprint
         sink = pa.BufferOutputStream()

@@ -33,6 +33,7 @@ from deltacli.tasks.tables import TaskData, data_fingerprint
 from deltacli.training.checkpoints import read_checkpoint, restore_random_state
 from deltacli.training.interrupts import Interrupted, StopRequest, stop_requests
 from deltacli.training.logs import MetricsLog, progress_bars, trackers
+from deltacli.training.preference import PreferenceStep
 from deltacli.training.runtime import peak_memory, reset_peak_memory, versions
 from deltacli.training.session import open_session
 from deltacli.training.steps import StepPlan
@@ -74,10 +75,18 @@ class Trainer:
         if config.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad (the base is frozen).
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
+        self.pairs = PreferenceStep(self.deltas, config) if self.task.pairs else None
+        if self.pairs is not None:
+            # The reference is the base: computed before a saved delta is loaded into it.
+            collate = self.task.collate(self.tokenizer, self.data.train)
+            self.data = self.pairs.prepare(
+                self.model, self.data, collate, config.eval_batch_size, self.accelerator
+            )
         self._setup_optimisation()
         self.step, self.epoch, self.position = 0, 1, 0
         self._since: tuple[float, int] | None = None  # when plain progress lines began
         self.meter, self.history, self.best = Throughput(), [], None
+        self.step_stats: dict[str, torch.Tensor] = {}
         self.best_state: dict[str, torch.Tensor] = {}
         self.epoch_order = self.order.get_state()
         self.log_bytes: int | None = None
@@ -120,7 +129,7 @@ class Trainer:
         )
         # Loss terms per training example: every process knows every step's count, so the
         # step's loss is its sum over all micro-batches and processes divided by one number.
-        self.units = [self.task.units(labels) for labels in self.data.train["labels"]]
+        self.units = [self.task.units(x) for x in self.data.train[self.task.units_column]]
         self.collate = self.task.collate(self.tokenizer, self.data.train)
         eval_batches = self.session.batches(self.data.eval, config.eval_batch_size)
         self._refuse_unshardable()
@@ -201,6 +210,12 @@ class Trainer:
                     f"{self.data.truncated:,} examples were cut at "
                     f"data.max_length={self.recipe.data.max_length} tokens"
                 )
+            if self.pairs is not None and self.pairs.held_bytes:
+                self.notice(
+                    f"the reference keeps the base's values of what the deltas train "
+                    f"({self.pairs.held_bytes / 2**20:,.1f} MiB more memory; "
+                    "train.reference=precomputed avoids it)"
+                )
             if checkpoint is not None:
                 self.notice(f"resumed from {checkpoint} (step {self.step} of {self.total_steps})")
 
@@ -255,7 +270,10 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             progress.update(bar, advance=1, loss=self.meter.loss, lr=lr, speed=self.meter.rate)
             if self.step % self.recipe.train.log_every == 0:
-                log.write(step=self.step, epoch=self.epoch, loss=self.meter.loss, lr=lr)
+                log.write(
+                    step=self.step, epoch=self.epoch, loss=self.meter.loss, lr=lr,
+                    **self._step_metrics(),
+                )  # fmt: skip
                 self._plain_progress()
             stopping = self._agreed(stop.signum)
             if not math.isfinite(loss):
@@ -324,8 +342,8 @@ class Trainer:
         order = self.epoch_permutation()
         for index in range(self.plan.steps):
             for batch, counts in self.micro_batches(order, index):
-                if counts:
-                    yield batch
+                if counts:  # what the model takes (a preference batch also holds reference values)
+                    yield {k: v for k, v in batch.items() if k != "reference_logps"}
 
     def epoch_permutation(self) -> list[int]:
         """The epoch's order of the training rows, drawn from the generator as the epoch
@@ -345,8 +363,9 @@ class Trainer:
     def _evaluate_epoch(self, log: MetricsLog) -> None:
         """Score the eval set; remember this epoch's delta if it is the best so far."""
         scores = evaluate(
-            self.model, self.eval_batches, self.accelerator, self.task, self.data.labels
-        )
+            self.model, self.eval_batches, self.accelerator, self.task, self.data.labels,
+            self.recipe.train,
+        )  # fmt: skip
         self.history.append({"epoch": self.epoch, "step": self.step, **scores})
         log.write(step=self.step, epoch=self.epoch, eval=scores)
         if self.best is None or not self.recipe.train.keep_best or self._better(scores, self.best):
@@ -383,27 +402,47 @@ class Trainer:
         scale = self.accelerator.num_processes / count
         micro_batches = self.micro_batches(order, index)
         total = torch.zeros((), device=self.accelerator.device)
+        stats: dict[str, torch.Tensor] = {}
         for number, (batch, counts) in enumerate(micro_batches):
             last = number == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+            weight = 1.0 if counts else 0.0
             with sync:
-                summed = self._summed_loss(batch) * (1.0 if counts else 0.0)
+                summed, extra = self._summed_loss(batch)
+                summed = summed * weight
                 self.accelerator.backward(summed * scale)
             total += summed.detach()
+            for name, value in extra.items():
+                stats[name] = stats.get(name, 0.0) + value * weight
         if self.recipe.train.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.params, self.recipe.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_stats = {name: value / count for name, value in stats.items()}
         return (total / count).item()
 
-    def _summed_loss(self, batch: dict) -> torch.Tensor:
-        """The task's loss of one micro-batch, summed over its loss terms. The model sees the
+    def _summed_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The task's loss of one micro-batch, summed over its loss terms, and what else the
+        step reports, summed the same way (a preference run's rewards). The model sees the
         labels only where it needs them to run (a seq2seq decoder's inputs)."""
+        if self.pairs is not None:
+            return self.pairs(self.model, batch)
         labels = batch["labels"]
         inputs = batch if self.task.labels_in_forward else {
             k: v for k, v in batch.items() if k != "labels"
         }  # fmt: skip
-        return self.task.loss(self.model(**inputs).logits, labels)
+        return self.task.loss(self.model(**inputs).logits, labels), {}
+
+    def _step_metrics(self) -> dict[str, float]:
+        """The last step's other metrics, each its mean over the step's pairs (summed over
+        processes: every process calls this at the same step)."""
+        if not self.step_stats:
+            return {}
+        names = sorted(self.step_stats)
+        values = torch.stack([torch.as_tensor(self.step_stats[n]).double() for n in names])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values.to(self.accelerator.device), "sum")
+        return dict(zip(names, values.tolist(), strict=True))
 
     def checkpoint_state(self, log_bytes: int) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything but the random generators that a resumed run needs, whole (every
@@ -492,6 +531,7 @@ class Trainer:
                 "samples_per_second": round(meter.rate, 2),
                 "loss": meter.loss,
             },
+            "reference_bytes": self.pairs.held_bytes if self.pairs else 0,
             "optimizer_state_bytes": sum(
                 t.numel() * t.element_size()
                 for state in self.optimizer.state.values()
