@@ -1,6 +1,9 @@
 """Memory of preference tuning: LoRA DPO against LoRA SFT at the same batch and length, and
 TRL's DPOTrainer holding an explicit reference model as the comparison row.
 
+A DPO batch of 8 pairs passes 16 sequences through the model (chosen and rejected), so SFT
+is measured at batch 8 and at batch 16 (the same sequences a pass).
+
 SmolLM2-135M-Instruct (the `smollm2` embedded model), LoRA r=8 on q/v, the bundled SST-2
 preference sample (its SFT twin: the same prompts with the chosen answer as chat messages),
 batch 8, max length 128, `--steps` steps, the model read from one float32 copy. Every run
@@ -29,7 +32,8 @@ from rich.table import Table
 from measure import measured, write_results
 
 RUNS = {
-    "deltacli LoRA SFT (causal-lm)": "sft",
+    "deltacli LoRA SFT, batch 8 (8 sequences a pass)": "sft",
+    "deltacli LoRA SFT, batch 16 (16 sequences a pass)": "sft16",
     "deltacli LoRA DPO (reference: base, deltas off)": "dpo",
     "deltacli LoRA DPO (reference: precomputed)": "dpo-precomputed",
     "TRL DPOTrainer + PEFT LoRA, explicit ref_model": "trl",
@@ -70,9 +74,10 @@ def run_deltacli(kind: str, folder: Path, steps: int) -> dict:
     from deltacli.training.logs import MetricsLog
     from deltacli.training.trainer import Trainer
 
-    pairs = kind != "sft"
+    pairs = not kind.startswith("sft")
     prefix = "pairs" if pairs else "chat"
-    train = {"max_steps": steps, "batch_size": BATCH, "eval_batch_size": BATCH, "lr": 1e-3}
+    batch = 2 * BATCH if kind == "sft16" else BATCH
+    train = {"max_steps": steps, "batch_size": batch, "eval_batch_size": batch, "lr": 1e-3}
     if pairs:
         train["reference"] = "precomputed" if kind == "dpo-precomputed" else "base"
     recipe = parse_recipe(
@@ -148,7 +153,7 @@ def main() -> None:
                 rows.append({"run": label, "repeat": repeat, "peak_rss_mb": round(rss, 1),
                              "train_seconds": round(result["train_seconds"], 2)})  # fmt: skip
                 console.print(rows[-1])
-    sft = [r["peak_rss_mb"] for r in rows if r["run"].endswith("SFT (causal-lm)")]
+    sft = [r["peak_rss_mb"] for r in rows if r["run"] == next(iter(RUNS))]
     table = Table(
         title=f"Preference tuning memory · SmolLM2-135M · LoRA r=8 q/v · batch {BATCH} · "
         f"length {LENGTH} · {args.steps} steps · {args.repeats} runs each"

@@ -167,7 +167,7 @@ def test_every_kind_trains_under_dpo_and_the_reference_stays_the_base(
     probe = trainer.task.collate(trainer.tokenizer, trainer.data.eval)(
         [trainer.data.eval[i] for i in range(4)]
     )
-    inputs = {k: probe[k] for k in ("input_ids", "attention_mask")}
+    inputs = {k: probe[k] for k in ("input_ids", "attention_mask", "position_ids")}
     with torch.no_grad():
         expected = base(**inputs).logits
 
@@ -186,7 +186,7 @@ def test_every_kind_trains_under_dpo_and_the_reference_stays_the_base(
     assert len(steps) == trainer.total_steps
     assert 0.0 <= summary["eval"]["reward_accuracy"] <= 1.0
     torch.testing.assert_close(reference_logits(), expected, rtol=0, atol=1e-5)
-    reference = reference_pass(trainer.model, trainer.deltas, inputs, probe["labels"])
+    reference = reference_pass(trainer.model, trainer.deltas, probe)
     torch.testing.assert_close(reference, probe["reference_logps"].float())
     assert (summary["reference_bytes"] > 0) == bool(kinds & set(HOLDING))
 

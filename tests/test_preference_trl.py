@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 
-from deltacli.tasks.preference import answer_logps
+from deltacli.tasks.preference import policy_logps
 from deltacli.training.trainer import Trainer
 from helpers import preference_rows, tiny_recipe, write_jsonl
 
@@ -147,9 +147,7 @@ def test_reference_free_losses_equal_trls(tiny_llama, eight_pairs):
         trainer, batch = _deltacli(tiny_llama, eight_pairs, loss)
         ours, our_grads = _deltacli_loss_and_grads(trainer, batch)
         trainer.optimizer.zero_grad(set_to_none=True)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        logps = answer_logps(trainer.model(**inputs).logits, batch["labels"])
-        chosen, rejected = logps.means()
+        chosen, rejected = policy_logps(trainer.model, batch).means()
         if loss == "simpo":
             theirs = CPOTrainer.cpo_loss(stub, chosen, rejected)[0].mean()
         else:

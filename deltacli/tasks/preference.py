@@ -15,6 +15,7 @@ term of the loss, however long its answers.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Iterable
 
@@ -176,20 +177,25 @@ def pair_prompts(
 
 
 def pad_pairs(tokenizer: PreTrainedTokenizerBase, table: datasets.Dataset) -> Callable:
-    """A batch of B pairs as 2B rows, the chosen answers first, padded on the right; the
-    precomputed reference log-probabilities (if the table has them) in the same order."""
+    """A batch of B pairs as 2B rows, the chosen answers first; the precomputed reference
+    log-probabilities (if the table has them) in the same order.
+
+    Rows are padded on the left and numbered from their first real token (`position_ids`),
+    so that every answer ends at the last position: the model then computes the logits of
+    the last few positions only (`answer_logps`), not a vocabulary-wide row per prompt token.
+    """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         sequences = [row[f"{a}_input_ids"] for a in ANSWERS for row in rows]
         labels = [row[f"{a}_labels"] for a in ANSWERS for row in rows]
         width = max(map(len, sequences))
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
         batch = {
-            "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in sequences]),
-            "attention_mask": torch.tensor(
-                [[1] * len(s) + [0] * (width - len(s)) for s in sequences]
-            ),
-            "labels": torch.tensor([s + [IGNORE] * (width - len(s)) for s in labels]),
+            "input_ids": torch.tensor([[pad] * (width - len(s)) + s for s in sequences]),
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+            "labels": torch.tensor([[IGNORE] * (width - len(s)) + s for s in labels]),
         }
         if REFERENCE_COLUMNS[0] in rows[0]:
             reference = [row[c] for c in REFERENCE_COLUMNS for row in rows]
@@ -216,6 +222,28 @@ class Logps:
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.sums / self.counts.clamp(min=1)).chunk(2)
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def policy_logps(model: nn.Module, batch: dict) -> Logps:
+    """The model's log-probabilities of every row's answer in a padded pair batch, asking
+    the model (where it can) for the logits of the positions that score answers only."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    labels = batch["labels"]
+    if _keeps_logits(model):
+        answered = (labels != IGNORE).any(0).nonzero()
+        keep = labels.shape[1] - int(answered.min()) + 1 if len(answered) else 1
+        inputs["logits_to_keep"] = keep
+        labels = labels[:, -keep:]
+    return answer_logps(model(**inputs).logits, labels)
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+    plain = getattr(model, "module", model)  # inside DDP
+    return "logits_to_keep" in inspect.signature(type(plain).forward).parameters
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> Logps:
@@ -318,9 +346,7 @@ def score_pairs(
     batches)."""
     sums: dict[str, list[torch.Tensor]] = {}
     for batch in batches:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        policy = answer_logps(model(**inputs).logits, batch["labels"])
-        terms = loss.terms(policy, batch.get("reference_logps"))
+        terms = loss.terms(policy_logps(model, batch), batch.get("reference_logps"))
         gathered = accelerator.gather_for_metrics({k: v.double() for k, v in terms.items()})
         for name, values in gathered.items():
             sums.setdefault(name, []).append(values.cpu())

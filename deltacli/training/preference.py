@@ -19,10 +19,8 @@ from torch import nn
 from deltacli.config.sections import TrainConfig
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
-from deltacli.tasks.preference import PreferenceLoss, answer_logps
+from deltacli.tasks.preference import PreferenceLoss, policy_logps
 from deltacli.tasks.tables import REFERENCE_COLUMNS, TaskData
-
-MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
 class PreferenceStep:
@@ -72,27 +70,23 @@ class PreferenceStep:
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         """(summed loss, {metric: summed over the pairs}) of one micro-batch."""
-        inputs = {k: batch[k] for k in MODEL_INPUTS}
         reference = batch.get("reference_logps")
         if self.live:
-            reference = reference_pass(model, self.deltas, inputs, batch["labels"])
-        policy = answer_logps(model(**inputs).logits, batch["labels"])
-        terms = self.loss.terms(policy, reference)
+            reference = reference_pass(model, self.deltas, batch)
+        terms = self.loss.terms(policy_logps(model, batch), reference)
         stats = {k: v.detach().sum() for k, v in terms.items() if k != "loss"}
         return terms["loss"].sum(), stats
 
 
 @torch.no_grad()
-def reference_pass(
-    model: nn.Module, deltas: DeltaSet, inputs: dict, labels: torch.Tensor
-) -> torch.Tensor:
+def reference_pass(model: nn.Module, deltas: DeltaSet, batch: dict) -> torch.Tensor:
     """The base's summed log-probabilities of every row's answer: the deltas off, dropout
     off (the reference is a fixed policy)."""
     was_training = model.training
     model.eval()
     try:
         with deltas.switched_off():
-            return answer_logps(model(**inputs).logits, labels).sums
+            return policy_logps(model, batch).sums
     finally:
         model.train(was_training)
 
@@ -113,8 +107,7 @@ def with_reference(
     for start in range(0, len(share), batch_size):
         indices = share[start : start + batch_size]
         batch = send_to_device(collate([table[i] for i in indices]), accelerator.device)
-        inputs = {k: batch[k] for k in MODEL_INPUTS}
-        sums = reference_pass(model, deltas, inputs, batch["labels"]).double().cpu()
+        sums = reference_pass(model, deltas, batch).double().cpu()
         chosen, rejected = sums.chunk(2)
         values += zip(indices, chosen.tolist(), rejected.tolist(), strict=True)
     if accelerator.num_processes > 1:
