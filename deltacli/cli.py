@@ -148,7 +148,8 @@ EVAL_EXAMPLES = """
 [bold]Examples[/]
 
   deltacli eval --delta runs/lora --data sst2:validation
-  deltacli eval --delta runs/lora-instruct --data sst2_instruct:validation --generate 20
+  deltacli eval --delta runs/lora_instruct --data sst2_chat:validation --generate 20
+  deltacli eval --delta runs/lora_dpo --data sst2_pref:validation --generate 20
 """
 
 
@@ -184,7 +185,8 @@ def evaluate(
 ) -> None:
     """Score base model + delta on a data set: accuracy, macro-F1 and Matthews correlation,
     or, for generative tasks, loss and perplexity (and with --generate, exact match, ROUGE-L
-    and BLEU of generations written beside their references)."""
+    and BLEU of generations written beside their references); on preference pairs, reward
+    accuracy and margin against the base (the delta switched off)."""
     from deltacli.commands.evaluate import GenerationRequest, score_delta
     from deltacli.render import metrics_table, print_json
 
