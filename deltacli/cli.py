@@ -336,6 +336,31 @@ def merge(
             help="Compare merged logits with base + delta; fail and write nothing above tolerance."
         ),
     ] = False,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="Combine the deltas' increments instead of adding them in order: linear, "
+            "task_arithmetic, ties, dare_linear or dare_ties (mergekit's definitions)."
+        ),
+    ] = None,
+    density: Annotated[
+        str | None,
+        typer.Option(
+            help="ties/dare: share of each delta's entries kept, in (0, 1]; one value, or "
+            "comma-separated per delta."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="dare: seed of the random drop masks.")] = 0,
+    as_delta: Annotated[
+        bool,
+        typer.Option(
+            help="Write the combination as a delta instead of a model: every changed tensor "
+            "(a `modules` delta), or with --rank a LoRA."
+        ),
+    ] = False,
+    rank: Annotated[
+        int | None, typer.Option(min=1, help="With --as-delta: a LoRA of this rank (SVD).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     json: Json = False,
 ) -> None:
@@ -343,7 +368,9 @@ def merge(
 
     Streams one base tensor at a time, so peak memory is about the largest shard plus the
     deltas. Writes a normal Hugging Face directory (config, tokenizer, shard layout, index).
-    Only deltas linear in the weights (LoRA, BitFit, LayerNorm, module-wise, full) fold.
+    Only deltas linear in the weights (LoRA, IA3, SIFT, BitFit, LayerNorm, module-wise,
+    full) fold. With --method, each delta's increment is taken against the base and they are
+    combined (TIES: trimmed to --density, signs elected, agreeing entries averaged).
     """
     from deltacli.commands.merge import merge as run_merge
     from deltacli.render import merge_summary, print_json
@@ -351,6 +378,12 @@ def merge(
     if len(paths) < 3:
         raise DeltacliError("merge needs BASE, at least one DELTA, and OUT")
     base, *deltas, output = paths
+    if rank is not None and not as_delta:
+        raise DeltacliError("--rank needs --as-delta (the combination written as a LoRA)")
+    if as_delta:
+        _merge_as_delta(base, deltas, Path(output), weights, method, density, seed, rank,
+                        overwrite, json)  # fmt: skip
+        return
     report = run_merge(
         base,
         [Path(d) for d in deltas],
@@ -360,11 +393,60 @@ def merge(
         verify=verify,
         overwrite=overwrite,
         console=err,
+        method=method,
+        densities=_numbers(density, "--density", float) if density else None,
+        seed=seed,
     )
     if json:
         print_json(out, report)
     else:
         out.print(merge_summary(report))
+
+
+def _merge_as_delta(
+    base: str,
+    deltas: list[str],
+    output: Path,
+    weights: str | None,
+    method: str | None,
+    density: str | None,
+    seed: int,
+    rank: int | None,
+    overwrite: bool,
+    json: bool,
+) -> None:
+    """The combined model is written beside OUT, streamed as `merge` streams it, then turned
+    into a delta: the changed tensors as they are, or a LoRA from their SVD."""
+    import tempfile
+
+    from deltacli.commands.extract import dense_delta, extract
+    from deltacli.commands.merge import merge as run_merge
+    from deltacli.files.outputs import check_output
+    from deltacli.render import extract_summary, print_json
+
+    check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}-") as scratch:
+        combined = Path(scratch) / "combined"
+        run_merge(
+            base, [Path(d) for d in deltas], combined,
+            weights=_numbers(weights, "--weights", float) if weights else None,
+            method=method, densities=_numbers(density, "--density", float) if density else None,
+            seed=seed,
+        )  # fmt: skip
+        if rank is None:
+            count = dense_delta(base, combined, output, overwrite)
+            if json:
+                print_json(out, {"output": str(output), "tensors": count})
+            else:
+                out.print(f"wrote a modules delta of {count} tensors to {output}")
+            return
+        report = extract(base, str(combined), output, rank, overwrite=overwrite, console=err)
+    if json:
+        print_json(out, report)
+    else:
+        for table in extract_summary(report):
+            out.print(table)
 
 
 def _numbers(text: str, option: str, kind: type[int] | type[float]) -> list:
@@ -466,6 +548,68 @@ def sparsify(
         print_json(out, report)
     else:
         for table in sparsify_summary(report):
+            out.print(table)
+
+
+EXTRACT_EXAMPLES = """
+[bold]Examples[/]
+
+  deltacli extract default runs/full runs/lora-r8 --rank 8 --eval sst2:validation
+  deltacli extract ./llama ./llama-tuned lora/ --rank 32 --targets q_proj,v_proj
+  deltacli extract default runs/sift low-rank/ --rank 16   [dim]# any linear delta[/]
+"""
+
+
+@app.command(epilog=EXTRACT_EXAMPLES)
+def extract(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="BASE TUNED OUT: the base model, the tuned model or delta, and the LoRA to write.",
+            metavar="BASE TUNED OUT",
+        ),
+    ],
+    rank: Annotated[int, typer.Option(min=1, help="Rank r of the LoRA.")] = 8,
+    targets: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated module patterns [default: every changed linear layer]."),
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option("--eval", help="Score the LoRA beside the dense update on this data."),
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="Text column of --eval.")] = None,
+    label: Annotated[str | None, typer.Option(help="Label column of --eval.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    json: Json = False,
+) -> None:
+    """Turn a dense update into a LoRA: the SVD of each changed matrix's ΔW at rank r.
+
+    The counterpart of sparsify: keeps the largest singular directions of W_tuned - W_base
+    (a fine-tuned model, or base + any delta that merges), reports the share of the update's
+    norm kept per matrix, and writes a LoRA that PEFT loads. The task head is kept dense.
+    """
+    from deltacli.commands.extract import extract as run_extract
+    from deltacli.render import extract_summary, print_json
+
+    if len(paths) != 3:
+        raise DeltacliError("extract needs BASE, TUNED and OUT")
+    base, tuned, output = paths
+    report = run_extract(
+        base,
+        tuned,
+        Path(output),
+        rank,
+        targets=targets.split(",") if targets else None,
+        eval_data=eval_data,
+        columns={"text": text, "label": label},
+        overwrite=overwrite,
+        console=err,
+    )
+    if json:
+        print_json(out, report)
+    else:
+        for table in extract_summary(report):
             out.print(table)
 
 

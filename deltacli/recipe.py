@@ -57,6 +57,10 @@ class Recipe:
                 f"train.best_metric for {self.task} must be one of {', '.join(entry.metrics)} "
                 f"(or auto); got {self.train.best_metric!r}"
             )
+        if self.train.sft_weight and self.train.loss == "orpo":
+            raise DeltacliError(
+                "train.sft_weight adds an SFT term, which orpo already has; leave it at 0"
+            )
         if self.train.loss != "auto" and not entry.pairs:
             raise DeltacliError(
                 f"train.loss={self.train.loss} is a preference loss; set task: preference "

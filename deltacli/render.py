@@ -16,6 +16,7 @@ from deltacli.tasks.metrics import metric as metric_info
 from deltacli.tasks.metrics import metric_rows
 
 if TYPE_CHECKING:  # rendering reads reports; it need not import what produces them
+    from deltacli.commands.extract import ExtractReport
     from deltacli.commands.inspection import DeltaReport, Group, Layer, ModelReport, Node
     from deltacli.commands.merge import MergeReport
     from deltacli.commands.report import MethodRow
@@ -102,6 +103,7 @@ def merge_summary(report: MergeReport) -> Table:
     table.add_column("")
     for delta, weight in zip(report.deltas, report.weights, strict=True):
         table.add_row("delta", f"{delta} (weight {weight:g})")
+    table.add_row("method", report.method or "added in order")
     table.add_row("dtype", report.dtype)
     table.add_row("shards", str(report.shards))
     table.add_row("tensors", f"{report.tensors_changed:,} changed, {report.tensors_added:,} added")
@@ -150,6 +152,48 @@ def sparsify_summary(report: SparsifyReport) -> list[Table]:
             f"{100 * min(shares):.1f}–{100 * max(shares):.1f}%",
         )
     return [summary, detail]
+
+
+def extract_summary(report: ExtractReport) -> list[Table]:
+    summary = Table(title=f"deltacli extract -> {report.output}", title_justify="left")
+    summary.add_column("", style="bold")
+    summary.add_column("")
+    summary.add_row("kept", f"rank {report.rank} of {len(report.matrices)} matrices (LoRA)")
+    summary.add_row("update norm kept", f"{100 * report.norm_kept:.1f}% of the targeted matrices'")
+    summary.add_row("", f"{100 * report.norm_kept_overall:.1f}% of the whole update's")
+    if report.dropped:
+        summary.add_row(
+            "left out", f"{len(report.dropped)} other changed tensors (e.g. {report.dropped[0]})"
+        )
+    if report.note:
+        summary.add_row("note", report.note)
+    for side, scores in (report.scores or {}).items():
+        summary.add_row(f"{side}", _headline(scores))
+    folded: dict[str, list] = {}
+    for matrix in report.matrices:
+        folded.setdefault(collapse_indices(matrix.name), []).append(matrix)
+    detail = Table(title="per matrix (layers folded)", title_justify="left")
+    for column in ("matrix", "×", "rank", "update norm kept"):
+        detail.add_column(
+            column, justify="left" if column == "matrix" else "right", overflow="fold"
+        )
+    for name, matrices in folded.items():
+        shares = [m.norm_kept for m in matrices]
+        ranks = sorted({m.kept for m in matrices})
+        detail.add_row(
+            name,
+            str(len(matrices)),
+            "–".join(map(str, (ranks[0], ranks[-1]) if len(ranks) > 1 else ranks)),
+            f"{100 * min(shares):.1f}–{100 * max(shares):.1f}%",
+        )
+    return [summary, detail]
+
+
+def _headline(scores: dict) -> str:
+    """A task's first metric and the loss: what `extract --eval` compares."""
+    rows = metric_rows(scores)
+    first = f"{rows[0][0]} {rows[0][1]:.4f} · " if rows else ""
+    return f"{first}loss {scores['loss']:.4f}"
 
 
 def model_report(report: ModelReport, by: str = "module", tree: bool = False) -> list:

@@ -274,3 +274,23 @@ def run_offline(command: list[str], cwd: Path, timeout: int = 600) -> subprocess
     return subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# Runs the CLI, first making the process stop itself right after the training log records
+# step K: `kill` sends SIGKILL (nothing can run after it), `int` SIGINT (Ctrl-C).
+STOPPING = """
+import os, signal, sys
+from deltacli.training import logs
+from deltacli.cli import main
+
+how, at = sys.argv.pop(1), int(sys.argv.pop(1))
+write = logs.MetricsLog.write
+
+def write_then_stop(self, **record):
+    write(self, **record)
+    if record.get("step") == at and "loss" in record:
+        os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGINT)
+
+logs.MetricsLog.write = write_then_stop
+sys.exit(main())
+"""

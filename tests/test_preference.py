@@ -4,18 +4,21 @@ deltas switched off, every kind training under DPO, and the bad inputs that stop
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deltacli.config.sections import DataConfig
 from deltacli.labels import IGNORE
+from deltacli.storage.delta_folder import WEIGHTS_FILE
 from deltacli.tasks.preference import encode_pairs, split_prompt
 from deltacli.tasks.tables import batches
 from deltacli.training.preference import reference_pass
 from deltacli.training.trainer import Trainer
-from helpers import tiny_recipe, write_jsonl
+from helpers import ACCELERATE, STOPPING, launcher, run_offline, tiny_recipe, write_jsonl
 
 # Every kind, and a composition (MAM: prefix + a parallel adapter at the FFN).
 KINDS = [
@@ -239,3 +242,61 @@ def test_train_eval_and_chain_from_sft_on_the_command_line(cli, tiny_llama, pref
     code, out, err = cli("train", "--method", "lora", "task=preference", *common,
                          f"deltas.0.init_from={tmp_path / 'dpo'}", "-o", tmp_path / "again")  # fmt: skip
     assert code == 0, err
+
+
+def _pairs_recipe(folder, tiny_llama, preferences, **train) -> str:
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "model": str(tiny_llama), "task": "preference", "base_dtype": "fp64",
+        "data": {"train": str(preferences["train"]), "eval": str(preferences["eval"]),
+                 "max_length": 64},
+        "deltas": [{"kind": "lora", "r": 4}],
+        "train": {"lr": 1e-2, "weight_decay": 0.0, "log_every": 1, **train},
+    }))  # fmt: skip
+    return str(recipe)
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
+def test_two_processes_with_4_pairs_equal_one_with_8(tiny_llama, preferences, tmp_path):
+    """Under DDP the reference pass, the precomputed eval reference (each process computes a
+    share) and the logged rewards (summed over processes) change nothing but speed."""
+    recipe = _pairs_recipe(tmp_path, tiny_llama, preferences, max_steps=4)
+    runs = {
+        "one": [sys.executable, "-m", "deltacli", "train", "train.batch_size=8"],
+        "two": [*launcher(), "-m", "deltacli", "train", "train.batch_size=4"],
+    }
+    for name, command in runs.items():
+        done = run_offline([*command, "--recipe", recipe, "-o", name], tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (load_file(tmp_path / name / WEIGHTS_FILE) for name in runs)
+    for key, tensor in one.items():
+        torch.testing.assert_close(two[key], tensor, rtol=1e-9, atol=1e-12)
+    logs = [
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in runs
+    ]
+    for first, second in zip(*logs, strict=True):
+        for key in ("loss", "reward_accuracy", "reward_margin"):
+            if key in first:
+                assert second[key] == pytest.approx(first[key], rel=1e-9, abs=1e-12), key
+
+
+def test_a_killed_preference_run_resumes_to_the_same_delta(tiny_llama, preferences, tmp_path):
+    """kill -9 after step 5 of 8, then --resume: the delta and the log of a run never
+    stopped (the eval reference computed again on resume)."""
+    recipe = _pairs_recipe(tmp_path, tiny_llama, preferences, epochs=2, batch_size=16,
+                           save_every=3)  # fmt: skip
+    train = [sys.executable, "-m", "deltacli", "train", "--recipe", recipe]
+    done = run_offline([*train, "-o", "whole"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    script = tmp_path / "stopping.py"
+    script.write_text(STOPPING)
+    stopped = run_offline([sys.executable, str(script), "kill", "5", *train[3:], "-o", "cut"],
+                          tmp_path)  # fmt: skip
+    assert stopped.returncode == -9
+    resumed = run_offline([sys.executable, "-m", "deltacli", "train", "--resume", "cut"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole, cut = (load_file(tmp_path / name / WEIGHTS_FILE) for name in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    logs = [(tmp_path / n / "metrics.jsonl").read_text() for n in ("whole", "cut")]
+    assert logs[0] == logs[1]

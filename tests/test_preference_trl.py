@@ -11,6 +11,7 @@ applied to deltacli's log-probabilities give deltacli's loss and gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -158,3 +159,15 @@ def test_reference_free_losses_equal_trls(tiny_llama, eight_pairs):
         assert ours == pytest.approx(float(theirs), abs=tolerance), loss
         for name, param in trainer.deltas.parameters().items():
             torch.testing.assert_close(our_grads[name], param.grad, rtol=0, atol=tolerance)
+
+
+def test_sft_weight_adds_the_chosen_answers_mean_nll(tiny_llama, eight_pairs):
+    """RPO (TRL's rpo_alpha): DPO's loss plus α times the chosen answer's mean NLL."""
+    trainer, batch = _deltacli(tiny_llama, eight_pairs, "dpo")
+    plain, _ = _deltacli_loss_and_grads(trainer, batch)
+    anchored, _ = _deltacli(tiny_llama, eight_pairs, "dpo")
+    anchored.pairs.loss = dataclasses.replace(anchored.pairs.loss, sft_weight=0.5)
+    with torch.no_grad():
+        chosen, _ = policy_logps(anchored.model.eval(), batch).means()
+    total, _ = _deltacli_loss_and_grads(anchored, batch)
+    assert total == pytest.approx(plain - 0.5 * float(chosen.mean()), abs=1e-10)

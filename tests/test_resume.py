@@ -13,26 +13,7 @@ from safetensors.torch import load_file
 
 from deltacli.files.outputs import MARKER
 from deltacli.storage.delta_folder import WEIGHTS_FILE
-from helpers import ACCELERATE, launcher, run_offline
-
-# Runs the CLI, first making the process stop itself right after the training log records
-# step K: `kill` sends SIGKILL (nothing can run after it), `int` SIGINT (Ctrl-C).
-STOPPING = """
-import os, signal, sys
-from deltacli.training import logs
-from deltacli.cli import main
-
-how, at = sys.argv.pop(1), int(sys.argv.pop(1))
-write = logs.MetricsLog.write
-
-def write_then_stop(self, **record):
-    write(self, **record)
-    if record.get("step") == at and "loss" in record:
-        os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGINT)
-
-logs.MetricsLog.write = write_then_stop
-sys.exit(main())
-"""
+from helpers import ACCELERATE, STOPPING, launcher, run_offline
 
 
 def args(tiny_bert, sentiment, output, *extra) -> list[str]:

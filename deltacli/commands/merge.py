@@ -25,6 +25,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from torch import nn
 
 from deltacli.build import saved_on_meta
+from deltacli.commands.combine import METHODS, Combination
 from deltacli.commands.verify import verify_merge
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
@@ -51,6 +52,7 @@ class MergeReport:
     bytes_written: int
     seconds: float
     max_logit_difference: float | None = None
+    method: str | None = None  # None: the deltas added in order
 
 
 @dataclasses.dataclass
@@ -58,7 +60,7 @@ class Plan:
     """What to add to which tensor of the task model (by its parameter names)."""
 
     model: nn.Module
-    increments: dict[str, list[tuple[float, Callable]]]
+    increments: dict[str, list[tuple[int, float, Callable]]]  # (delta index, weight, ΔW)
     shapes: dict[str, torch.Size]
     needs_base: set[str]
 
@@ -72,8 +74,12 @@ def merge(
     verify: bool = False,
     overwrite: bool = False,
     console: Console | None = None,
+    method: str | None = None,
+    densities: list[float] | None = None,
+    seed: int = 0,
 ) -> MergeReport:
-    """Write `base` with every delta in `deltas` folded in to `output`."""
+    """Write `base` with every delta in `deltas` folded in to `output`: in order, or
+    combined by a merge `method` (`combine.METHODS`) with per-delta `densities`."""
     started = time.perf_counter()
     if dtype != "same" and dtype not in DTYPES:
         raise DeltacliError(f"--dtype must be same, {', '.join(DTYPES)}; got {dtype!r}")
@@ -87,6 +93,7 @@ def merge(
             "--verify compares with the deltas attached live, which has no weights; "
             "drop --weights or --verify"
         )
+    combination = _combination(method, densities, weights, len(deltas), seed, verify)
     check_output(output, overwrite)
     check_apart(output, [("base model", base), *(("delta", d) for d in deltas)])
     base_dir = local_dir(base)
@@ -108,12 +115,15 @@ def merge(
             0,
             0,
             0.0,
+            method=method,
         )
         with (
             _out_of_space(output, checkpoint),
             atomic_dir(output, overwrite, "merged model", notice_on(console)) as scratch,
         ):
-            weight_map = _write_shards(checkpoint, plan, scratch, dtype, report, console)
+            weight_map = _write_shards(
+                checkpoint, plan, scratch, dtype, report, console, combination
+            )
             if checkpoint.index is not None:
                 total = sum((scratch / f).stat().st_size for f in set(weight_map.values()))
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -127,6 +137,37 @@ def merge(
                 report.max_logit_difference = verify_merge(base_dir, saved, scratch)
     report.seconds = round(time.perf_counter() - started, 2)
     return report
+
+
+def _combination(
+    method: str | None,
+    densities: list[float] | None,
+    weights: list[float],
+    count: int,
+    seed: int,
+    verify: bool,
+) -> Combination | None:
+    """The merge method as asked, checked before anything is read."""
+    if method is None:
+        if densities is not None:
+            raise DeltacliError("--density needs --method ties, dare_linear or dare_ties")
+        return None
+    if method not in METHODS:
+        raise DeltacliError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
+    if verify:
+        raise DeltacliError(
+            "--verify compares with the deltas attached live, which add up in order; "
+            f"a {method} merge has no live counterpart: drop --verify"
+        )
+    densities = densities or [1.0]
+    if len(densities) == 1:
+        densities = densities * count
+    if len(densities) != count:
+        raise DeltacliError(f"{len(densities)} densities given for {count} deltas")
+    outside = [d for d in densities if not (0 < d <= 1)]
+    if outside:
+        raise DeltacliError(f"--density must lie in (0, 1]; got {outside[0]}")
+    return Combination(method, weights, densities, seed)
 
 
 @contextlib.contextmanager
@@ -149,15 +190,15 @@ def plan_increments(saved: list[SavedDelta], weights: list[float]) -> Plan:
     """Attach every delta on the meta device, refuse what cannot fold, collect increments."""
     model, first = saved_on_meta(saved[0])
     params = dict(model.named_parameters())
-    increments: dict[str, list[tuple[float, Callable]]] = {}
+    increments: dict[str, list[tuple[int, float, Callable]]] = {}
     needs_base: set[str] = set()
-    for delta_dir, weight in zip(saved, weights, strict=True):
+    for index, (delta_dir, weight) in enumerate(zip(saved, weights, strict=True)):
         attached = first if delta_dir is saved[0] else saved_on_meta(delta_dir)[1]
         _refuse_unmergeable(attached, delta_dir)
         values = delta_dir.values_for(attached)
         for delta in attached.members:
             for name, increment in delta.delta_weights(values).items():
-                increments.setdefault(name, []).append((weight, increment))
+                increments.setdefault(name, []).append((index, weight, increment))
                 if delta.needs_base:
                     needs_base.add(name)
     shapes = {name: p.shape for name, p in params.items()}
@@ -191,6 +232,7 @@ def _write_shards(
     dtype: str,
     report: MergeReport,
     console: Console | None,
+    combination: Combination | None = None,
 ) -> dict[str, str]:
     """Stream every shard through the plan, tensor by tensor; tensors the base lacks (a new
     task head) join the last shard in the base's floating dtype."""
@@ -216,7 +258,7 @@ def _write_shards(
                     if name in plan.increments:
                         tensor = reader.read(key)
                         _check_shape(name, tensor, plan)
-                        tensor = apply_increments(tensor, plan.increments[name])
+                        tensor = apply_increments(tensor, plan.increments[name], name, combination)
                         writer.write(name, tensor.to(layout[name].dtype))
                         report.tensors_changed += 1
                     elif layout[name] == infos[name]:
@@ -225,7 +267,9 @@ def _write_shards(
                         writer.write(name, reader.read(key).to(layout[name].dtype))
                     progress.advance(bar, infos[name].nbytes)
                 for name, info in extra.items():
-                    tensor = apply_increments(torch.zeros(info.shape), plan.increments[name])
+                    tensor = apply_increments(
+                        torch.zeros(info.shape), plan.increments[name], name, combination
+                    )
                     writer.write(name, tensor.to(layout[name].dtype))
                     report.tensors_added += 1
             report.bytes_written += (scratch / file).stat().st_size
@@ -240,14 +284,23 @@ def _out_info(info: TensorInfo, dtype: str) -> TensorInfo:
     return TensorInfo(DTYPES[dtype], info.shape)
 
 
-def apply_increments(tensor: torch.Tensor, changes: list[tuple[float, Callable]]) -> torch.Tensor:
-    """Deltas in order, each on the result of the last: W <- W + w·ΔW(W), in fp32. A LoRA
-    increment does not depend on W, so LoRAs add up; a specified tensor with weight 1 simply
-    takes the delta's value, as it does when the deltas are attached one after another."""
+def apply_increments(
+    tensor: torch.Tensor,
+    changes: list[tuple[int, float, Callable]],
+    name: str = "",
+    combination: Combination | None = None,
+) -> torch.Tensor:
+    """Without a merge method, deltas in order, each on the result of the last:
+    W <- W + w·ΔW(W), in fp32. A LoRA increment does not depend on W, so LoRAs add up; a
+    specified tensor with weight 1 simply takes the delta's value, as it does when the deltas
+    are attached one after another. With one, every ΔWᵢ is taken against the base and the
+    method combines them (`combine`)."""
     merged = tensor.float()
-    for weight, increment in changes:
-        merged.add_(increment(merged), alpha=weight)
-    return merged
+    if combination is None:
+        for _, weight, increment in changes:
+            merged.add_(increment(merged), alpha=weight)
+        return merged
+    return merged + combination(name, [(index, fn(merged)) for index, _, fn in changes])
 
 
 def _check_shape(name: str, tensor: torch.Tensor, plan: Plan) -> None:

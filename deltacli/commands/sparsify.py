@@ -122,7 +122,7 @@ class TunedDelta:
         kinds = ", ".join(sorted({delta.kind for delta in saved.recipe.deltas}))
         # A delta that only replaces weights (full fine-tuning) is the tuned model itself.
         self.note = (
-            f"densified from a {kinds} delta: the sparse delta approximates it"
+            f"densified from a {kinds} delta first: the result approximates it"
             if self.plan.needs_base
             else None
         )

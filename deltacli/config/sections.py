@@ -110,6 +110,12 @@ class TrainConfig:
         POSITIVE,
     )
     simpo_gamma: float = option(0.5, "simpo: the target reward margin γ", NOT_NEGATIVE)
+    sft_weight: float = option(
+        0.0,
+        "dpo/ipo/simpo: add this times the chosen answer's mean NLL (RPO, Pang et al. 2024; "
+        "TRL's rpo_alpha), which keeps the chosen answer likely; orpo has its own",
+        NOT_NEGATIVE,
+    )
     label_smoothing: float = option(
         0.0,
         "dpo/simpo: the share of pairs assumed mislabelled (conservative DPO, cDPO)",

@@ -270,12 +270,13 @@ class PreferenceLoss:
     beta: float
     gamma: float = 0.5  # SimPO's target reward margin
     smoothing: float = 0.0  # cDPO/SimPO: the share of pairs assumed to be flipped
+    sft_weight: float = 0.0  # RPO: the weight of the chosen answer's mean NLL
 
     @classmethod
     def from_train(cls, train: TrainConfig) -> PreferenceLoss:
         name = "dpo" if train.loss == "auto" else train.loss
         beta = train.beta if train.beta is not None else DEFAULT_BETA[name]
-        return cls(name, beta, train.simpo_gamma, train.label_smoothing)
+        return cls(name, beta, train.simpo_gamma, train.label_smoothing, train.sft_weight)
 
     @property
     def needs_reference(self) -> bool:
@@ -309,6 +310,8 @@ class PreferenceLoss:
                 )
                 loss = -chosen_mean - self.beta * F.logsigmoid(log_odds)
             rewards = self.beta * chosen_mean, self.beta * rejected_mean
+        if self.sft_weight and self.name != "orpo":
+            loss = loss - self.sft_weight * policy.means()[0]
         return {
             "loss": loss,
             "reward_accuracy": (rewards[0] > rewards[1]).to(loss.dtype),
