@@ -63,9 +63,8 @@ def budget_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def write_results(name: str, what: str, rows: list[dict], **extra) -> Path:
-    """A raw results file in benchmarks/results/: what ran, the exact command, the commit
-    (with `+dirty` for uncommitted changes), the date and machine, and every run's figures."""
+def _commit() -> str:
+    """The checked-out commit, `+dirty` with uncommitted changes to tracked files."""
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
@@ -74,11 +73,22 @@ def write_results(name: str, what: str, rows: list[dict], **extra) -> Path:
     commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
     if git("status", "--porcelain", "--untracked-files=no").strip():
         commit += "+dirty"
+    return commit
+
+
+# Read when a script starts: the code it runs is what was checked out then, whatever is
+# committed while it runs.
+COMMIT = _commit()
+
+
+def write_results(name: str, what: str, rows: list[dict], **extra) -> Path:
+    """A raw results file in benchmarks/results/: what ran, the exact command, the commit
+    the script started from, the date and machine, and every run's figures."""
     today = datetime.date.today().isoformat()
     record = {
         "what": what,
         "date": today,
-        "commit": commit,
+        "commit": COMMIT,
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
         f"{_cpus()} CPU(s), Python {platform.python_version()}",

@@ -28,7 +28,7 @@ from rich.table import Table
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from measure import measured
+from measure import measured, write_results
 
 console = Console()
 DELTACLI = str(Path(sys.executable).parent / "deltacli")
@@ -52,7 +52,7 @@ MERGE_WORK = (
 import sys, time
 from pathlib import Path
 started = time.perf_counter()
-deltacli.merge.merge(sys.argv[1], [Path(sys.argv[2])], Path(sys.argv[3]))
+deltacli.commands.merge.merge(sys.argv[1], [Path(sys.argv[2])], Path(sys.argv[3]))
 print("seconds", time.perf_counter() - started)
 """
 )
@@ -93,10 +93,12 @@ def build_base(folder: Path, layers: int, hidden: int) -> None:
     model.save_pretrained(folder, max_shard_size="500MB")
 
 
-def build_adapter(folder: Path, base: Path, layers: int, hidden: int, r: int = 16) -> None:
+def build_adapter(
+    folder: Path, base: Path, layers: int, hidden: int, r: int = 16, seed: int = 0
+) -> None:
     """A LoRA adapter on q, k, v, o in PEFT's layout, random so that every update counts."""
     folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for layer in range(layers):
         for projection in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -130,10 +132,12 @@ def main() -> None:
     args = parser.parse_args()
 
     base, adapter = args.workdir / "base", args.workdir / "adapter"
+    others = [args.workdir / "adapter2", args.workdir / "adapter3"]
     if not base.exists():
         console.print(f"building a {args.layers}-layer, hidden-{args.hidden} Llama in bf16 ...")
         build_base(base, args.layers, args.hidden)
-        build_adapter(adapter, base, args.layers, args.hidden)
+        for seed, folder in enumerate([adapter, *others]):
+            build_adapter(folder, base, args.layers, args.hidden, seed=seed)
     shards = sorted(base.glob("*.safetensors"))
     largest = max(f.stat().st_size for f in shards) / 2**20
     delta = size_mb(adapter)
@@ -163,6 +167,18 @@ def main() -> None:
             str(adapter),
             str(args.workdir / "deltacli"),
         ],
+        "deltacli merge --method ties --density 0.5, 3 LoRAs": [
+            DELTACLI,
+            "merge",
+            str(base),
+            str(adapter),
+            *map(str, others),
+            str(args.workdir / "deltacli"),
+            "--method",
+            "ties",
+            "--density",
+            "0.5",
+        ],
         "PEFT merge_and_unload + save": [
             sys.executable,
             "-c",
@@ -184,15 +200,30 @@ def main() -> None:
     )
     for column in ("run", "wall", "wall / cp", "peak RSS", "RSS / (largest shard + delta)"):
         table.add_column(column, justify="right")
+    rows = []
     for name, (wall, rss) in results.items():
+        deltas = 3 if "3 LoRAs" in name else 1
+        ratio = rss / (largest + deltas * delta)
+        rows.append(
+            {"run": name, "wall_seconds": round(wall, 2), "peak_rss_mb": round(rss, 1),
+             "rss_over_largest_shard_plus_deltas": round(ratio, 3)}
+        )  # fmt: skip
         table.add_row(
             name,
             f"{wall:.1f} s",
             f"{wall / copy_wall:.2f}×",
             f"{rss:,.0f} MB",
-            f"{rss / (largest + delta):.2f}",
+            f"{rss / (largest + deltas * delta):.2f}",
         )
     console.print(table)
+    path = write_results(
+        "merge-memory",
+        f"merge of a {args.layers}-layer hidden-{args.hidden} bf16 Llama "
+        f"({size_mb(base):.0f} MB, largest shard {largest:.0f} MB) with {delta:.0f} MB LoRAs",
+        rows,
+        flags={"layers": args.layers, "hidden": args.hidden},
+    )
+    console.print(f"raw results: {path}")
 
     inspect = Table(
         title="deltacli inspect --method lora on a bare config (whole command, start-up included)"

@@ -123,35 +123,12 @@ def sparsify_summary(report: SparsifyReport) -> list[Table]:
     summary.add_row(
         "kept", f"{kept:,} of {size:,} entries in {len(report.matrices)} matrices ({report.by})"
     )
-    summary.add_row("update norm kept", f"{100 * report.norm_kept:.1f}% of the targeted matrices'")
-    summary.add_row("", f"{100 * report.norm_kept_overall:.1f}% of the whole update's")
-    if report.dropped:
-        summary.add_row(
-            "left out", f"{len(report.dropped)} other changed tensors (e.g. {report.dropped[0]})"
-        )
-    if report.note:
-        summary.add_row("note", report.note)
+    _update_rows(summary, report)
     for side, scores in (report.scores or {}).items():
         summary.add_row(
             f"{side} accuracy", f"{scores['accuracy']:.4f} (macro-F1 {scores['macro_f1']:.4f})"
         )
-    folded: dict[str, list] = {}
-    for matrix in report.matrices:
-        folded.setdefault(collapse_indices(matrix.name), []).append(matrix)
-    detail = Table(title="per matrix (layers folded)", title_justify="left")
-    for column in ("matrix", "×", "kept", "update norm kept"):
-        detail.add_column(
-            column, justify="left" if column == "matrix" else "right", overflow="fold"
-        )
-    for name, matrices in folded.items():
-        shares = [m.norm_kept for m in matrices]
-        detail.add_row(
-            name,
-            str(len(matrices)),
-            f"{sum(m.kept for m in matrices):,}",
-            f"{100 * min(shares):.1f}–{100 * max(shares):.1f}%",
-        )
-    return [summary, detail]
+    return [summary, _per_matrix(report, "kept", lambda ms: f"{sum(m.kept for m in ms):,}")]
 
 
 def extract_summary(report: ExtractReport) -> list[Table]:
@@ -159,6 +136,14 @@ def extract_summary(report: ExtractReport) -> list[Table]:
     summary.add_column("", style="bold")
     summary.add_column("")
     summary.add_row("kept", f"rank {report.rank} of {len(report.matrices)} matrices (LoRA)")
+    _update_rows(summary, report)
+    for side, scores in (report.scores or {}).items():
+        summary.add_row(side, _headline(scores))
+    return [summary, _per_matrix(report, "rank", lambda ms: str(max(m.kept for m in ms)))]
+
+
+def _update_rows(summary: Table, report: SparsifyReport | ExtractReport) -> None:
+    """How much of the update survives, what was left out, and any note."""
     summary.add_row("update norm kept", f"{100 * report.norm_kept:.1f}% of the targeted matrices'")
     summary.add_row("", f"{100 * report.norm_kept_overall:.1f}% of the whole update's")
     if report.dropped:
@@ -167,26 +152,27 @@ def extract_summary(report: ExtractReport) -> list[Table]:
         )
     if report.note:
         summary.add_row("note", report.note)
-    for side, scores in (report.scores or {}).items():
-        summary.add_row(f"{side}", _headline(scores))
+
+
+def _per_matrix(report: SparsifyReport | ExtractReport, kept: str, shown) -> Table:
+    """Per matrix, layers folded: how many, what was kept, the update norm share kept."""
     folded: dict[str, list] = {}
     for matrix in report.matrices:
         folded.setdefault(collapse_indices(matrix.name), []).append(matrix)
     detail = Table(title="per matrix (layers folded)", title_justify="left")
-    for column in ("matrix", "×", "rank", "update norm kept"):
+    for column in ("matrix", "×", kept, "update norm kept"):
         detail.add_column(
             column, justify="left" if column == "matrix" else "right", overflow="fold"
         )
     for name, matrices in folded.items():
         shares = [m.norm_kept for m in matrices]
-        ranks = sorted({m.kept for m in matrices})
         detail.add_row(
             name,
             str(len(matrices)),
-            "–".join(map(str, (ranks[0], ranks[-1]) if len(ranks) > 1 else ranks)),
+            shown(matrices),
             f"{100 * min(shares):.1f}–{100 * max(shares):.1f}%",
         )
-    return [summary, detail]
+    return detail
 
 
 def _headline(scores: dict) -> str:

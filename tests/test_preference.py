@@ -23,6 +23,8 @@ from helpers import ACCELERATE, STOPPING, launcher, run_offline, tiny_recipe, wr
 # Every kind, and a composition (MAM: prefix + a parallel adapter at the FFN).
 KINDS = [
     [{"kind": "lora"}],
+    [{"kind": "lora", "init": "pissa"}],  # W gives up its principal part: off gives it back
+    [{"kind": "lora", "use_dora": True}],
     [{"kind": "adapter"}],
     [{"kind": "adapter", "placement": "parallel", "at": "attention"}],
     [{"kind": "prefix", "length": 4}],
@@ -152,7 +154,11 @@ def _train_loss(trainer: Trainer) -> float:
     return total / len(table)
 
 
-@pytest.mark.parametrize("deltas", KINDS, ids=["+".join(d["kind"] for d in k) for k in KINDS])
+def _label(delta: dict) -> str:
+    return delta.get("init") or ("dora" if delta.get("use_dora") else delta["kind"])
+
+
+@pytest.mark.parametrize("deltas", KINDS, ids=["+".join(map(_label, k)) for k in KINDS])
 def test_every_kind_trains_under_dpo_and_the_reference_stays_the_base(
     tiny_llama, biased_llama, preferences, deltas
 ):

@@ -28,7 +28,7 @@ from deltacli.deltas.specify import ModulesConfig
 from deltacli.deltas.targets import is_transposed, minimal_suffixes, modules_by_name
 from deltacli.errors import DeltacliError
 from deltacli.files.outputs import atomic_dir, check_apart, check_output, notice_on
-from deltacli.models.loading import head_modules, local_dir
+from deltacli.models.loading import local_dir
 from deltacli.recipe import Recipe
 from deltacli.storage.delta_folder import is_delta_dir
 
@@ -102,20 +102,9 @@ def low_rank(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 def _extract(base, source, output, rank, targets, overwrite, console) -> ExtractReport:
     modules = modules_by_name(source.model)
-    matrices = source.matrices(targets)
-    if not matrices:
-        raise DeltacliError("the tuned weights change none of the targeted matrices")
-    head = {
-        name
-        for module in head_modules(source.model)
-        for name, _ in modules[module].named_parameters(prefix=module)
-        if name in source.tensors
-    }
-
-    def update(name: str) -> torch.Tensor:
-        before = source.base.read(name).float() if name in source.base.keys else 0.0
-        return source.read(name) - before
-
+    matrices = source.targeted(targets)
+    head = source.head()
+    update = source.update
     values: dict[str, torch.Tensor] = {}
     reports, kept_norm, full_norm = [], 0.0, 0.0
     with Progress(console=console, disable=console is None, transient=True) as progress:

@@ -67,7 +67,41 @@ class SparsifyReport:
     scores: dict[str, dict] | None = None
 
 
-class TunedModel:
+class Tuned:
+    """What both sources of tuned weights answer: a tensor's update, the targeted matrices
+    (or one line when the tuning changed none), and the task head's tensors."""
+
+    model: torch.nn.Module
+    base: Checkpoint
+    tensors: set[str]
+
+    def read(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matrices(self, targets: list[str] | None) -> list[str]:
+        raise NotImplementedError
+
+    def update(self, name: str) -> torch.Tensor:
+        before = self.base.read(name).float() if name in self.base.keys else 0.0
+        return self.read(name) - before
+
+    def targeted(self, targets: list[str] | None) -> list[str]:
+        matrices = self.matrices(targets)
+        if not matrices:
+            raise DeltacliError("the tuned weights change none of the targeted matrices")
+        return matrices
+
+    def head(self) -> set[str]:
+        modules = modules_by_name(self.model)
+        return {
+            name
+            for module in head_modules(self.model)
+            for name, _ in modules[module].named_parameters(prefix=module)
+            if name in self.tensors
+        }
+
+
+class TunedModel(Tuned):
     """Tuned weights from a whole model directory (a task model, or a bare body such as a
     domain-adapted sentence encoder: then only the tensors both checkpoints have count)."""
 
@@ -108,7 +142,7 @@ class TunedModel:
         self.base.close()
 
 
-class TunedDelta:
+class TunedDelta(Tuned):
     """Tuned weights as base + a delta that folds into them (what `merge` would write)."""
 
     def __init__(self, folder: Path, base: Path) -> None:
@@ -195,20 +229,9 @@ def sparsify(
 
 def _sparsify(base, source, output, density, by, targets, overwrite, console) -> SparsifyReport:
     modules = modules_by_name(source.model)
-    matrices = source.matrices(targets)
-    if not matrices:
-        raise DeltacliError("the tuned weights change none of the targeted matrices")
-    head = {
-        name
-        for module in head_modules(source.model)
-        for name, _ in modules[module].named_parameters(prefix=module)
-        if name in source.tensors
-    }
-
-    def update(name: str) -> torch.Tensor:
-        before = source.base.read(name).float() if name in source.base.keys else 0.0
-        return source.read(name) - before
-
+    matrices = source.targeted(targets)
+    head = source.head()
+    update = source.update
     kept = _select(matrices, update, density, by, console)
     values: dict[str, torch.Tensor] = {}
     reports, kept_norm, full_norm = [], 0.0, 0.0

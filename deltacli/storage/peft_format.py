@@ -20,7 +20,6 @@ from deltacli.tasks.registry import task as task_entry
 # PEFT config fields whose non-default values change what an adapter computes. An adapter that
 # sets one is refused rather than silently loaded as something else.
 _UNSUPPORTED: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "bias": "none",
     "rank_pattern": {},
