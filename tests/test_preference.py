@@ -284,7 +284,9 @@ def test_two_processes_with_4_pairs_equal_one_with_8(tiny_llama, preferences, tm
     for first, second in zip(*logs, strict=True):
         for key in ("loss", "reward_accuracy", "reward_margin"):
             if key in first:
-                assert second[key] == pytest.approx(first[key], rel=1e-9, abs=1e-12), key
+                # the logged loss is summed in float32 (the trainer's running total)
+                close = 1e-6 if key == "loss" else 1e-9
+                assert second[key] == pytest.approx(first[key], rel=close, abs=1e-12), key
 
 
 def test_a_killed_preference_run_resumes_to_the_same_delta(tiny_llama, preferences, tmp_path):

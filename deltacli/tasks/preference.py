@@ -93,8 +93,8 @@ def _token_pair(
     record: dict, tokenizer: PreTrainedTokenizerBase, number: int
 ) -> tuple[list[int], tuple[list[int], list[int]]]:
     """The prompt's tokens and each answer's, as TRL's DPOTrainer tokenises them."""
-    chosen, rejected = record["chosen"], record["rejected"]
-    prompt = record.get("prompt")
+    record = {"prompt": None} | record  # no prompt column: the prompt is implicit
+    chosen, rejected, prompt = record["chosen"], record["rejected"], record["prompt"]
     if chosen is None or rejected is None:
         raise DeltacliError(f"record {number}: chosen and rejected must both be given")
     if prompt is None:
@@ -165,7 +165,8 @@ def pair_prompts(
     """(prompt text, chosen answer) for generation previews and `eval --generate`."""
     pairs = []
     for record in table:
-        chosen, prompt = record["chosen"], record.get("prompt")
+        record = {"prompt": None} | record  # no prompt column: the prompt is implicit
+        chosen, prompt = record["chosen"], record["prompt"]
         if prompt is None:
             prompt, chosen, _ = split_prompt(chosen, record["rejected"])
         if isinstance(chosen, list):
