@@ -33,24 +33,29 @@ class Combination:
 
     def __call__(self, name: str, increments: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """The combined increment of tensor `name` from (delta index, τ) pairs (the deltas
-        that change it; the others add nothing, but count in `linear`'s average)."""
-        trimmed = [
-            (index, self._sparsified(name, index, tau)) for index, tau in increments
-        ]  # fmt: skip
-        weighted = torch.stack([self.weights[i] * tau for i, tau in trimmed])
-        if self.method in ("ties", "dare_ties"):
-            elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-            agree = weighted.sign() == elected
-            mixed = (weighted * agree).sum(0)
+        that change it; the others add nothing, but count in `linear`'s average). One pass
+        per delta over tensors of W's size, never a stack of them: merging stays streamed."""
+        weighted = [
+            (self.weights[i], self._sparsified(name, i, tau).mul_(self.weights[i]))
+            for i, tau in increments
+        ]
+        total = torch.zeros_like(weighted[0][1])
+        for _, tau in weighted:
+            total.add_(tau)
+        if self.method not in ("ties", "dare_ties"):
+            if self.method == "linear":
+                weights = sum(self.weights)
+                total.div_(weights if abs(weights) > 1e-8 else 1.0)
+            return total
+        positive = total >= 0  # the elected sign of each entry
+        mixed, divisor = total.zero_(), torch.zeros_like(total)
+        for weight, tau in weighted:
+            agree = torch.where(positive, tau > 0, tau < 0)
+            mixed.add_(torch.where(agree, tau, 0.0))
             if self.method == "ties":
-                weights = torch.tensor([self.weights[i] for i, _ in trimmed])
-                divisor = (weights.view(-1, *[1] * mixed.ndim) * agree).sum(0)
-                mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
-            return mixed
-        mixed = weighted.sum(0)
-        if self.method == "linear":
-            total = sum(self.weights)
-            mixed = mixed / (total if abs(total) > 1e-8 else 1.0)
+                divisor.add_(agree, alpha=weight)
+        if self.method == "ties":
+            mixed.div_(torch.where(divisor == 0, 1.0, divisor))
         return mixed
 
     def _sparsified(self, name: str, index: int, tau: torch.Tensor) -> torch.Tensor:
@@ -58,13 +63,14 @@ class Combination:
         if density >= 1 or self.method in ("linear", "task_arithmetic"):
             return tau
         if self.method == "ties":
+            # The `keep` largest magnitudes: at or above the keep-th largest (a selection,
+            # not a sort; mergekit sorts, which differs only where magnitudes tie exactly).
             keep = max(1, int(density * tau.numel()))
-            order = torch.argsort(tau.abs().reshape(-1), descending=True)[:keep]
-            mask = torch.zeros(tau.numel(), dtype=tau.dtype)
-            mask[order] = 1
-            return tau * mask.view_as(tau)
+            magnitude = tau.abs()
+            threshold = magnitude.reshape(-1).kthvalue(tau.numel() - keep + 1).values
+            return tau.mul_(magnitude >= threshold)
         # DARE: the same entries for the same seed, tensor and delta, in any order of work.
         stream = self.seed + zlib.crc32(f"{index}:{name}".encode())
         generator = torch.Generator().manual_seed(stream)
-        mask = torch.rand(tau.shape, generator=generator) < density
-        return tau * mask / density
+        kept = torch.rand(tau.shape, generator=generator) < density
+        return tau.mul_(kept).div_(density)
