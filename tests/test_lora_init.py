@@ -93,3 +93,12 @@ def test_a_converted_peft_pissa_adapter_loads_in_deltacli(tiny_llama, tmp_path):
     model, deltas = prepare_model(saved.recipe)
     saved.load_into(deltas)
     torch.testing.assert_close(logits64(model, probe()), theirs, rtol=0, atol=1e-4)
+
+
+def test_an_unconverted_peft_pissa_adapter_is_one_line(cli, tiny_llama, tmp_path):
+    """Saved without conversion, PEFT's PiSSA adapter needs the residual base beside it."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="pissa")
+    get_peft_model(base, config).save_pretrained(tmp_path / "pissa")
+    code, _, err = cli("inspect", tmp_path / "pissa")
+    assert code == 2 and "path_initial_model_for_weight_conversion" in err

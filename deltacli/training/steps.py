@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
+
+import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,3 +56,18 @@ class StepPlan:
             indices = group[start : start + size]
             batches.append(MicroBatch(indices, True) if indices else MicroBatch(group[:1], False))
         return batches
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    """Linear warm-up to the peak rate over `warmup` steps, then linear decay to 0 at `total`:
+    transformers' `get_linear_schedule_with_warmup`, written here because importing it
+    imports transformers' Trainer utilities and PEFT with them (3 s at every start)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(_linear_factor, warmup=warmup, total=total)
+    )
+
+
+def _linear_factor(step: int, *, warmup: int, total: int) -> float:
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))

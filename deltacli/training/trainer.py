@@ -20,7 +20,6 @@ from accelerate.utils import DistributedType, ProjectConfiguration, send_to_devi
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
-from transformers import get_linear_schedule_with_warmup
 
 from deltacli.build import parameter_counts, start_from_saved
 from deltacli.deltas.base import sharded_like, whole
@@ -36,7 +35,7 @@ from deltacli.training.logs import MetricsLog, progress_bars, trackers
 from deltacli.training.preference import PreferenceStep
 from deltacli.training.runtime import peak_memory, reset_peak_memory, versions
 from deltacli.training.session import open_session
-from deltacli.training.steps import StepPlan
+from deltacli.training.steps import StepPlan, linear_schedule
 
 
 class Checkpoints(Protocol):
@@ -141,7 +140,7 @@ class Trainer:
         params = self.deltas.parameters()
         self.steps_per_epoch = self.plan.steps
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
-        self.scheduler = get_linear_schedule_with_warmup(
+        self.scheduler = linear_schedule(
             optimizer, round(config.warmup_ratio * self.total_steps), self.total_steps
         )
         self.params = list(params.values())
