@@ -263,48 +263,36 @@ def _pairs_recipe(folder, tiny_llama, preferences, **train) -> str:
 
 
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
-def test_two_processes_with_4_pairs_equal_one_with_8(tiny_llama, preferences, tmp_path):
-    """Under DDP the reference pass, the precomputed eval reference (each process computes a
-    share) and the logged rewards (summed over processes) change nothing but speed."""
-    recipe = _pairs_recipe(tmp_path, tiny_llama, preferences, max_steps=4)
-    runs = {
-        "one": [sys.executable, "-m", "deltacli", "train", "train.batch_size=8"],
-        "two": [*launcher(), "-m", "deltacli", "train", "train.batch_size=4"],
-    }
-    for name, command in runs.items():
-        done = run_offline([*command, "--recipe", recipe, "-o", name], tmp_path)
-        assert done.returncode == 0, done.stderr[-2000:]
-    one, two = (load_file(tmp_path / name / WEIGHTS_FILE) for name in runs)
-    for key, tensor in one.items():
-        torch.testing.assert_close(two[key], tensor, rtol=1e-9, atol=1e-12)
-    logs = [
-        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        for name in runs
-    ]
-    for first, second in zip(*logs, strict=True):
-        for key in ("loss", "reward_accuracy", "reward_margin"):
-            if key in first:
-                # the logged loss is summed in float32 (the trainer's running total)
-                close = 1e-6 if key == "loss" else 1e-9
-                assert second[key] == pytest.approx(first[key], rel=close, abs=1e-12), key
-
-
-def test_a_killed_preference_run_resumes_to_the_same_delta(tiny_llama, preferences, tmp_path):
-    """kill -9 after step 5 of 8, then --resume: the delta and the log of a run never
-    stopped (the eval reference computed again on resume)."""
-    recipe = _pairs_recipe(tmp_path, tiny_llama, preferences, epochs=2, batch_size=16,
-                           save_every=3)  # fmt: skip
-    train = [sys.executable, "-m", "deltacli", "train", "--recipe", recipe]
-    done = run_offline([*train, "-o", "whole"], tmp_path)
+def test_two_processes_killed_and_resumed_train_what_one_process_trains(
+    tiny_llama, preferences, tmp_path
+):
+    """Two processes × 4 pairs a step, killed (-9) after step 5 of 8 and resumed, end with the
+    delta and the logged rewards of one process × 8 pairs never stopped: under DDP the
+    reference pass, the eval reference (each process computes a share, computed again on
+    resume) and the rewards summed over processes change nothing but speed."""
+    recipe = _pairs_recipe(tmp_path, tiny_llama, preferences, epochs=2, save_every=3)
+    one = [sys.executable, "-m", "deltacli", "train", "--recipe", recipe, "train.batch_size=8"]
+    done = run_offline([*one, "-o", "one"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     script = tmp_path / "stopping.py"
     script.write_text(STOPPING)
-    stopped = run_offline([sys.executable, str(script), "kill", "5", *train[3:], "-o", "cut"],
-                          tmp_path)  # fmt: skip
-    assert stopped.returncode == -9
-    resumed = run_offline([sys.executable, "-m", "deltacli", "train", "--resume", "cut"], tmp_path)
+    two = ["train", "--recipe", recipe, "train.batch_size=4", "-o", "two"]
+    killed = run_offline([*launcher(), str(script), "kill", "5", *two], tmp_path)
+    assert killed.returncode != 0
+    resumed = run_offline([*launcher(), "-m", "deltacli", "train", "--resume", "two"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    whole, cut = (load_file(tmp_path / name / WEIGHTS_FILE) for name in ("whole", "cut"))
-    assert all(torch.equal(whole[k], cut[k]) for k in whole)
-    logs = [(tmp_path / n / "metrics.jsonl").read_text() for n in ("whole", "cut")]
-    assert logs[0] == logs[1]
+    first, second = (load_file(tmp_path / name / WEIGHTS_FILE) for name in ("one", "two"))
+    for key, tensor in first.items():
+        torch.testing.assert_close(second[key], tensor, rtol=1e-9, atol=1e-12)
+    logs = [
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    ]
+    assert len(logs[0]) == len(logs[1])
+    for a, b in zip(*logs, strict=True):
+        for key in ("loss", "reward_accuracy", "reward_margin"):
+            if key in a:
+                # the logged loss is summed in float32 (the trainer's running total)
+                close = 1e-6 if key == "loss" else 1e-9
+                assert b[key] == pytest.approx(a[key], rel=close, abs=1e-12), key
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
