@@ -415,35 +415,19 @@ def _merge_as_delta(
     overwrite: bool,
     json: bool,
 ) -> None:
-    """The combined model is written beside OUT, streamed as `merge` streams it, then turned
-    into a delta: the changed tensors as they are, or a LoRA from their SVD."""
-    import tempfile
-
-    from deltacli.commands.extract import dense_delta, extract
-    from deltacli.commands.merge import merge as run_merge
-    from deltacli.files.outputs import check_output
+    from deltacli.commands.extract import combined_delta
     from deltacli.render import extract_summary, print_json
 
-    check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}-") as scratch:
-        combined = Path(scratch) / "combined"
-        run_merge(
-            base, [Path(d) for d in deltas], combined,
-            weights=_numbers(weights, "--weights", float) if weights else None,
-            method=method, densities=_numbers(density, "--density", float) if density else None,
-            seed=seed,
-        )  # fmt: skip
-        if rank is None:
-            count = dense_delta(base, combined, output, overwrite)
-            if json:
-                print_json(out, {"output": str(output), "tensors": count})
-            else:
-                out.print(f"wrote a modules delta of {count} tensors to {output}")
-            return
-        report = extract(base, str(combined), output, rank, overwrite=overwrite, console=err)
+    report = combined_delta(
+        base, [Path(d) for d in deltas], output, rank=rank, overwrite=overwrite, console=err,
+        weights=_numbers(weights, "--weights", float) if weights else None,
+        method=method, densities=_numbers(density, "--density", float) if density else None,
+        seed=seed,
+    )  # fmt: skip
     if json:
         print_json(out, report)
+    elif isinstance(report, int):
+        out.print(f"wrote a modules delta of {report} tensors to {output}")
     else:
         for table in extract_summary(report):
             out.print(table)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,8 +21,9 @@ from rich.console import Console
 from rich.progress import Progress
 
 from deltacli.build import save_values
-from deltacli.commands.evaluate import score_delta, score_model
-from deltacli.commands.sparsify import MatrixReport, TunedDelta, TunedModel
+from deltacli.commands.evaluate import score_delta
+from deltacli.commands.merge import merge
+from deltacli.commands.sparsify import MatrixReport, TunedModel, open_tuned, score_tuned
 from deltacli.config.sections import DataConfig
 from deltacli.deltas.lora import LoraConfig
 from deltacli.deltas.specify import ModulesConfig
@@ -30,7 +32,6 @@ from deltacli.errors import DeltacliError
 from deltacli.files.outputs import atomic_dir, check_apart, check_output, notice_on
 from deltacli.models.loading import local_dir
 from deltacli.recipe import Recipe
-from deltacli.storage.delta_folder import is_delta_dir
 
 
 @dataclasses.dataclass
@@ -64,23 +65,16 @@ def extract(
     check_output(output, overwrite)
     check_apart(output, [("base model", base), ("tuned model", tuned)])
     base_dir = local_dir(base)
-    source = (
-        TunedDelta(Path(tuned), base_dir)
-        if is_delta_dir(Path(tuned))
-        else TunedModel(local_dir(tuned), base_dir)
-    )
+    source = open_tuned(tuned, base_dir)
     try:
         report = _extract(base, source, output, rank, targets, overwrite, console)
     finally:
         source.close()
     if eval_data:
-        dense = (
-            score_delta(Path(tuned), eval_data, str(base_dir), columns)
-            if is_delta_dir(Path(tuned))
-            else score_model(tuned, eval_data, columns, tokenizer_from=str(base_dir))
-        )
-        report.scores = {"low-rank": score_delta(output, eval_data, str(base_dir), columns),
-                         "dense": dense}  # fmt: skip
+        report.scores = {
+            "low-rank": score_delta(output, eval_data, str(base_dir), columns),
+            "dense": score_tuned(tuned, eval_data, base_dir, columns),
+        }
     return report
 
 
@@ -169,3 +163,26 @@ def dense_delta(base: str, tuned: Path, output: Path, overwrite: bool = False) -
     finally:
         source.close()
     return len(changed)
+
+
+def combined_delta(
+    base: str,
+    deltas: list[Path],
+    output: Path,
+    *,
+    rank: int | None,
+    overwrite: bool = False,
+    console: Console | None = None,
+    **merge_options,
+) -> ExtractReport | int:
+    """`merge --as-delta`: the combined model is written beside OUT, streamed as `merge`
+    streams it, then turned into a delta — the changed tensors as they are (returns their
+    count), or with `rank` a LoRA from their SVD (returns its report)."""
+    check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}-") as scratch:
+        combined = Path(scratch) / "combined"
+        merge(base, deltas, combined, **merge_options)
+        if rank is None:
+            return dense_delta(base, combined, output, overwrite)
+        return extract(base, str(combined), output, rank, overwrite=overwrite, console=console)

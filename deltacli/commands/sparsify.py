@@ -185,6 +185,23 @@ class TunedDelta(Tuned):
         self.base.close()
 
 
+def open_tuned(tuned: str, base_dir: Path) -> Tuned:
+    """The tuned weights `tuned` names: base + a delta folder, or a whole model directory."""
+    if is_delta_dir(Path(tuned)):
+        return TunedDelta(Path(tuned), base_dir)
+    return TunedModel(local_dir(tuned), base_dir)
+
+
+def score_tuned(
+    tuned: str, data: str, base_dir: Path, columns: dict[str, str | None] | None
+) -> dict:
+    """The dense tuned weights' scores on `data`: what a sparse or low-rank delta is
+    compared with."""
+    if is_delta_dir(Path(tuned)):
+        return score_delta(Path(tuned), data, str(base_dir), columns)
+    return score_model(tuned, data, columns, tokenizer_from=str(base_dir))
+
+
 def sparsify(
     base: str,
     tuned: str,
@@ -207,21 +224,13 @@ def sparsify(
     check_output(output, overwrite)
     check_apart(output, [("base model", base), ("tuned model", tuned)])
     base_dir = local_dir(base)
-    source = (
-        TunedDelta(Path(tuned), base_dir)
-        if is_delta_dir(Path(tuned))
-        else TunedModel(local_dir(tuned), base_dir)
-    )
+    source = open_tuned(tuned, base_dir)
     try:
         report = _sparsify(base, source, output, density, by, targets, overwrite, console)
     finally:
         source.close()
     if eval_data:
-        dense = (
-            score_delta(Path(tuned), eval_data, str(base_dir), columns)
-            if is_delta_dir(Path(tuned))
-            else score_model(tuned, eval_data, columns, tokenizer_from=str(base_dir))
-        )
+        dense = score_tuned(tuned, eval_data, base_dir, columns)
         sparse = score_delta(output, eval_data, str(base_dir), columns)
         report.scores = {"sparse": sparse, "dense": dense}
     return report
