@@ -15,6 +15,7 @@ term of the loss, however long its answers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable
@@ -243,8 +244,13 @@ def policy_logps(model: nn.Module, batch: dict) -> Logps:
 
 def _keeps_logits(model: nn.Module) -> bool:
     """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
-    plain = getattr(model, "module", model)  # inside DDP
-    return "logits_to_keep" in inspect.signature(type(plain).forward).parameters
+    return _takes_logits_to_keep(type(getattr(model, "module", model)))  # inside DDP too
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    """Read once per class: this runs on every pass of a training step."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> Logps:
