@@ -755,6 +755,195 @@ SUBSPACE_EXAMPLES = r"""
   deltacli subspace landscape spaces/sst2 -o spaces/sst2-landscape --grid 11
 """
 
+CHAT_EXAMPLES = r"""
+[bold]Examples[/]
+
+  deltacli chat runs/lora_instruct
+  deltacli chat runs/lora_instruct --prompt "Is this review positive? A joyless slog." \
+      --temperature 0
+  deltacli chat smollm2 --system "Answer in one word."
+  [dim]# in the chat:[/] /reset  /system TEXT  /exit
+"""
+
+
+@app.command(epilog=CHAT_EXAMPLES)
+def chat(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A delta folder (deltacli's or a PEFT adapter) or a base model.",
+            metavar="BASE_OR_DELTA",
+        ),
+    ],
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", "-p", help="Answer this one message and exit (for scripts)."),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="A system prompt to start with.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Replace the delta's base model (e.g. a local copy).")
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option(min=0, help="Sampling temperature; 0: greedy (reproducible).")
+    ] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling's mass.")] = 0.9,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
+    seed: Annotated[int | None, typer.Option(help="Seed sampling, for repeatable replies.")] = None,
+) -> None:
+    """Chat with a model, or base + delta (any kind, nothing merged), in the terminal.
+
+    Turns are rendered by the model's chat template, as training rendered them; replies
+    stream as they are generated. With --prompt: one reply, printed, for scripts.
+    """
+    from deltacli.commands.chat import Conversation, Sampling, interactive, open_chat_model
+
+    chat_model, tokenizer = open_chat_model(target, model)
+    sampling = Sampling(temperature, top_p, max_new_tokens, seed)
+    conversation = Conversation(chat_model, tokenizer, sampling, system)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if prompt is not None:
+        conversation.reply(prompt, on_text=write)
+        write("\n")
+        return
+    interactive(conversation, lambda: out.input("[bold cyan]you ›[/] "), write)
+
+
+EXPORT_EXAMPLES = r"""
+[bold]Examples[/]
+
+  deltacli export runs/lora_instruct --to gguf -o export/lora_instruct
+  cd export/lora_instruct && ollama create sst2-smollm -f Modelfile && ollama run sst2-smollm
+  [dim]# llama.cpp itself[/]
+  llama-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --lora export/lora_instruct/adapter.gguf
+  [dim]# any kind: merge, then export the whole model[/]
+  deltacli merge BASE runs/ia3 merged && deltacli export merged --to gguf -o export/ia3
+"""
+
+
+@app.command(epilog=EXPORT_EXAMPLES)
+def export(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A LoRA delta folder (deltacli's or PEFT's), or a Llama-family model folder "
+            "(e.g. from `deltacli merge`).",
+            metavar="DELTA_OR_MODEL",
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")],
+    to: Annotated[
+        Literal["gguf"],
+        typer.Option(help="Format: gguf (llama.cpp and Ollama; with a Modelfile)."),
+    ] = "gguf",
+    base_gguf: Annotated[
+        Path | None,
+        typer.Option(
+            help="A delta's base as a GGUF file, for the Modelfile's FROM [default: the "
+            "delta's base, where it is a GGUF file]."
+        ),
+    ] = None,
+    dtype: Annotated[
+        Literal["f32", "f16"], typer.Option(help="Precision of the tensors written.")
+    ] = "f32",
+    tokenizer_pre: Annotated[
+        str | None,
+        typer.Option(
+            help="A model's pre-tokenizer as llama.cpp names it (tokenizer.ggml.pre), where "
+            "it is not GPT-2's."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace --output if it is a directory deltacli wrote.")
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """Export for llama.cpp and Ollama: a LoRA delta as a GGUF LoRA adapter, a model as GGUF.
+
+    A delta gives adapter.gguf (llama.cpp's --lora, llama-cpp-python's lora_path) over the
+    base's GGUF; a Llama-family model folder with a byte-level BPE tokenizer gives model.gguf.
+    Beside either, an Ollama Modelfile. Other delta kinds: merge first (deltacli merge).
+    """
+    from deltacli.commands.export import export as export_gguf
+    from deltacli.render import print_json
+
+    report = export_gguf(source, output, base_gguf, dtype, overwrite, tokenizer_pre, err)
+    if as_json:
+        print_json(out, report)
+        return
+    alpha = f", alpha {report.alpha:g}" if report.alpha is not None else ""
+    out.print(f"wrote {escape(report.gguf)} ({report.tensors} tensors{alpha}) and "
+              f"{escape(report.modelfile)}")  # fmt: skip
+    for note in report.notes:
+        err.print(f"[yellow]{escape(note)}[/]")
+
+
+DATA_EXAMPLES = r"""
+[bold]Examples[/]
+
+  deltacli data preview --method lora_instruct
+  deltacli data preview --recipe my.yaml -n 5 data.train_on=last_assistant
+  deltacli data preview --method lora_instruct --data chats.jsonl --json > preview.json
+  [dim]# several sources, mixed: a ShareGPT file twice, 500 rows of a sample[/]
+  deltacli data preview --method lora_instruct \
+      'data.train=[{path: sharegpt.jsonl, weight: 2}, {path: sst2_chat:train, rows: 500}]'
+"""
+
+data_app = typer.Typer(
+    help="Look at the data as the model will see it.", no_args_is_help=True,
+    rich_markup_mode="rich",
+)  # fmt: skip
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("preview", epilog=DATA_EXAMPLES)
+def data_preview(
+    overrides: Overrides = None,
+    method: Method = None,
+    recipe: RecipeFile = None,
+    model: Annotated[
+        str | None, typer.Option(help="Base model whose tokenizer and template to use.")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="Training data, as for `train --data`.")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="Evaluation data, same forms.")] = None,
+    examples: Annotated[
+        int, typer.Option("--examples", "-n", min=0, help="How many examples to show.")
+    ] = 3,
+    split: Annotated[
+        Literal["train", "eval"], typer.Option(help="Show examples of this set.")
+    ] = "train",
+    as_json: Json = False,
+) -> None:
+    """Show examples as training will encode them, and the counts it will use.
+
+    Tokens the loss learns are highlighted, special tokens (end of turn, role markers) shown
+    in colour; then the examples, tokens, share of tokens in the loss, examples cut at
+    max_length, packing or padding efficiency, and warnings for the usual template
+    mistakes (an answer whose end-of-turn token the loss never sees, a model that stops at
+    another token, a tokenizer without a chat template). Reads no model weights.
+    """
+    from deltacli.commands.data_preview import preview_data
+    from deltacli.recipe import load_recipe, recipe_file
+    from deltacli.render import data_preview as render_preview
+    from deltacli.render import print_json
+
+    settings: dict[str, str | None] = {"model": model} if model else {}
+    if data:
+        settings |= {"data.train": data, "data.eval": eval_data}
+    elif eval_data:
+        settings["data.eval"] = eval_data
+    resolved = load_recipe(recipe_file(method, recipe), overrides or [], settings)
+    preview = preview_data(resolved, examples, split)
+    if as_json:
+        print_json(out, preview)
+        return
+    for part in render_preview(preview):
+        out.print(part)
+
+
 subspace_app = typer.Typer(
     help="The unified optimisation subspace shared by delta methods (Yi et al., 2022).",
     no_args_is_help=True,

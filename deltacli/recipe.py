@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from deltacli.config.schema import KeyHelp, build, describe, option, to_dict
-from deltacli.config.sections import DataConfig, TrainConfig
+from deltacli.config.sections import DataConfig, Sources, TrainConfig, source_list
 from deltacli.deltas import KINDS, DeltaConfig, kind_class
 from deltacli.errors import DeltacliError, did_you_mean
 from deltacli.files.text import read_mapping
@@ -249,10 +249,16 @@ def dump_recipe(recipe: Recipe) -> str:
         recipe,
         model=_absolute(recipe.model),
         data=dataclasses.replace(
-            data, train=_absolute(data.train), eval=data.eval and _absolute(data.eval)
+            data, train=_absolute_sources(data.train), eval=_absolute_sources(data.eval)
         ),
     )
     return yaml.safe_dump(recipe_to_dict(saved), sort_keys=False)
+
+
+def _absolute_sources(sources: Sources | None) -> Sources | None:
+    if sources is None or isinstance(sources, str):
+        return sources and _absolute(sources)
+    return [dataclasses.replace(s, path=_absolute(s.path)) for s in source_list(sources)]
 
 
 def _absolute(spec: str) -> str:

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from deltacli.deltas.targets import collapse_indices
@@ -16,6 +18,7 @@ from deltacli.tasks.metrics import metric as metric_info
 from deltacli.tasks.metrics import metric_rows
 
 if TYPE_CHECKING:  # rendering reads reports; it need not import what produces them
+    from deltacli.commands.data_preview import DataPreview
     from deltacli.commands.extract import ExtractReport
     from deltacli.commands.inspection import DeltaReport, Group, Layer, ModelReport, Node
     from deltacli.commands.merge import MergeReport
@@ -94,6 +97,67 @@ def preview_table(preview: list[dict]) -> Table:
         table.add_row(
             *(escape(text) for text in (shown, row["before"], row["after"], row["reference"]))
         )
+    return table
+
+
+def data_preview(preview: DataPreview) -> list:
+    """Each example's tokens as the model sees them (learned ones highlighted, special ones
+    in colour, line breaks marked), then the counts, the sources and the warnings."""
+    shown: list = []
+    for number, example in enumerate(preview.examples, 1):
+        text = Text()
+        for sequence in example.sequences:
+            if sequence.name:
+                text.append(f"{sequence.name}: ", style="bold")
+            for token in sequence.tokens:
+                style = ("bold magenta " if token.special else "") + (
+                    "black on green" if token.learned else "dim"
+                )
+                text.append(token.text.replace("\n", "↵\n"), style=style)
+            text.rstrip()
+            text.append("\n")
+        text.rstrip()
+        if example.label is not None:
+            text.append("\n")
+            text.append(f"label: {example.label}", style="bold")
+        shown.append(Panel(text, title=f"{preview.split} example {number}", title_align="left"))
+    legend = Text("legend: ")
+    legend.append("learned by the loss", style="black on green")
+    legend.append(" · ")
+    legend.append("context only", style="dim")
+    legend.append(" · ")
+    legend.append("<special>", style="bold magenta")
+    shown += [legend, _data_stats(preview.stats)]
+    if len(preview.sources) > 1 or any(s["weight"] != 1 for s in preview.sources):
+        sources = Table(title="sources mixed", title_justify="left")
+        for column in ("source", "rows", "weight", "in mix"):
+            sources.add_column(column, justify="left" if column == "source" else "right")
+        for row in preview.sources:
+            sources.add_row(escape(row["source"]), f"{row['rows']:,}", f"{row['weight']:g}",
+                            f"{row['in_mix']:,}")  # fmt: skip
+        shown.append(sources)
+    shown += [Text(f"warning: {w}", style="yellow") for w in preview.warnings]
+    return shown
+
+
+def _data_stats(stats: dict) -> Table:
+    table = Table(title="what training will see", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    rows = [
+        ("train examples", f"{stats['train_examples']:,}"),
+        ("eval examples", f"{stats['eval_examples']:,}"),
+        ("tokens (train)", f"{stats['tokens']:,}"),
+        ("tokens in the loss", f"{stats['loss_tokens']:,} ({stats['loss_share']:.1%})"),
+        (f"cut at max_length={stats['max_length']}", f"{stats['truncated']:,}"),
+    ]
+    if "packing_efficiency" in stats:
+        rows += [("packed rows", f"{stats['train_rows']:,}"),
+                 ("packing keeps", f"{stats['packing_efficiency']:.1%} of the tokens")]  # fmt: skip
+    else:
+        rows.append(("padding in batches", f"{stats['padding_share']:.1%} (file order)"))
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

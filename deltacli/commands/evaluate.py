@@ -20,7 +20,7 @@ from deltacli.tasks.evaluation import evaluate, generate, generation_metrics
 from deltacli.tasks.preference import PreferenceLoss
 from deltacli.tasks.registry import DEFAULT, Task
 from deltacli.tasks.registry import task as task_entry
-from deltacli.tasks.tables import TaskData, batches, load_table
+from deltacli.tasks.tables import TaskData, batches, load_sources
 from deltacli.training.preference import with_reference
 from deltacli.training.runtime import make_accelerator
 from deltacli.training.session import open_session
@@ -44,7 +44,7 @@ def score_delta(
     """
     saved = read_delta(folder, model, task)
     recipe = dataclasses.replace(saved.recipe, data=_with_columns(saved.recipe.data, columns))
-    table = load_table(data, recipe.data.hub_config)
+    table = load_sources(data, recipe.data.hub_config, recipe.train.seed)
     session = open_session(recipe, data=partial(_scored, table, data))
     scored = session.data.eval
     if PreferenceLoss.from_train(recipe.train).needs_reference and session.task.pairs:
@@ -114,7 +114,7 @@ def score_model(
     tokenizer = load_tokenizer(tokenizer_from or folder)
     entry = task_entry(task)
     encoded, _ = entry.for_scoring(
-        load_table(data, data_config.hub_config), data_config, tokenizer, data
+        load_sources(data, data_config.hub_config, 0), data_config, tokenizer, data
     )
     accelerator = make_accelerator()
     model = load_model(folder, task, labels)

@@ -44,7 +44,7 @@ from deltacli.models.loading import load_tokenizer
 from deltacli.recipe import Recipe, parse_recipe, recipe_to_dict
 from deltacli.storage.delta_folder import LOG_FILE, SavedDelta, read_delta
 from deltacli.tasks.evaluation import evaluate
-from deltacli.tasks.tables import batches, load_table
+from deltacli.tasks.tables import batches, load_sources
 from deltacli.training.logs import MetricsLog, progress_bars
 from deltacli.training.runtime import make_accelerator
 from deltacli.training.session import Session, open_session
@@ -370,7 +370,7 @@ def landscape(
     recipe = _space_recipe(space, through)
     source = data or recipe.data.eval
     tokenizer = load_tokenizer(recipe.model)
-    table = load_table(source, recipe.data.hub_config)
+    table = load_sources(source, recipe.data.hub_config, recipe.train.seed)
     if rows is not None:
         table = table.select(range(min(rows, len(table))))
     task = recipe.task_entry

@@ -134,6 +134,10 @@ def _type_text(hint: Any) -> str:
     if origin is list:
         (item,) = typing.get_args(hint) or (Any,)
         return f"list of {_type_text(item)}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(hint):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
     names = {int: "integer", float: "number", str: "text", bool: "true/false", Any: "any"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
@@ -193,6 +197,14 @@ def coerce(value: Any, hint: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise DeltacliError(f"{path} must be a list, got {_type_name(value)}")
         return [coerce(v, item_hint, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise DeltacliError(f"{path} must be a mapping, got {_type_name(value)}")
+        return {
+            coerce(k, key_hint, path): coerce(v, value_hint, f"{path}.{k}")
+            for k, v in value.items()
+        }
     if dataclasses.is_dataclass(hint):
         return build(hint, value, path)
     return _scalar(value, hint, path)

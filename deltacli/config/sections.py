@@ -18,16 +18,53 @@ from deltacli.config.schema import (
     check_ranges,
     option,
 )
+from deltacli.errors import DeltacliError
+
+
+@dataclasses.dataclass
+class Source:
+    """One of several data sources mixed into one table (`data.train: [a.jsonl, {...}]`)."""
+
+    path: str = option("", "a csv/tsv/json/jsonl/parquet file, a bundled sample or Hub NAME")
+    weight: float = option(
+        1.0, "how much of the source the mix takes: 2 = every row twice, 0.5 = a seeded half",
+        POSITIVE,
+    )  # fmt: skip
+    rows: int | None = option(None, "the first N rows only (before the weight)", AT_LEAST_ONE)
+    columns: dict[str, str] = option(
+        {}, "renames this source's columns to the recipe's: {review: sentence, dialog: "
+        "conversations}",
+    )  # fmt: skip
+
+
+# A data setting: one source as a plain string, or several (strings or `Source` mappings).
+Sources = str | list[str | Source]
+
+
+def source_list(sources: Sources) -> list[Source]:
+    """Every source of a data setting as a `Source`."""
+    items = [sources] if isinstance(sources, str) else sources
+    return [Source(path=s) if isinstance(s, str) else s for s in items]
+
+
+def sources_name(sources: Sources | None) -> str:
+    """How messages and the model card name a data setting: `a.jsonl + b.jsonl (×2)`."""
+    if sources is None or isinstance(sources, str):
+        return str(sources)
+    return " + ".join(
+        s.path + (f" (×{s.weight:g})" if s.weight != 1 else "") for s in source_list(sources)
+    )
 
 
 @dataclasses.dataclass
 class DataConfig:
-    train: str = option(
+    train: Sources = option(
         "sst2:train",
-        "training data: a csv/tsv/json/jsonl/parquet file, a bundled sample (sst2:train) "
-        "or a Hub dataset NAME[:SPLIT]",
+        "training data: a csv/tsv/json/jsonl/parquet file, a bundled sample (sst2:train), a "
+        "Hub dataset NAME[:SPLIT], or a list of such sources to mix, each a name or "
+        "{path, weight, rows, columns}",
     )
-    eval: str | None = option(
+    eval: Sources | None = option(
         "sst2:validation", "evaluation data, same forms; null: hold out eval_fraction of train"
     )
     eval_fraction: float = option(
@@ -39,7 +76,13 @@ class DataConfig:
     label: str = option("label", "column holding the label")
     target: str = option("target", "seq2seq: column holding the target text")
     format: Literal["auto", "alpaca", "chat", "text"] = option(
-        "auto", "causal-lm records: alpaca, chat (messages) or text; auto: from the columns"
+        "auto",
+        "causal-lm records: alpaca, chat (OpenAI messages or ShareGPT conversations) or "
+        "text; auto: from the columns",
+    )
+    train_on: Literal["all_assistant", "last_assistant"] = option(
+        "all_assistant",
+        "chat records: the loss sees every assistant turn, or only each conversation's last",
     )
     packing: bool = option(False, "causal-lm: pack examples into rows of max_length tokens")
     labels: list[int | str] | None = option(
@@ -52,6 +95,16 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "data.")
+        for key in ("train", "eval"):
+            value = getattr(self, key)
+            if value is None or isinstance(value, str):
+                continue
+            if not value:
+                raise DeltacliError(f"data.{key} is an empty list; give at least one source")
+            for i, source in enumerate(source_list(value)):
+                if not source.path:
+                    raise DeltacliError(f"data.{key}.{i} needs a path")
+                check_ranges(source, f"data.{key}.{i}.")
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from deltacli import __version__
 from deltacli.config.schema import to_dict
+from deltacli.config.sections import sources_name
 from deltacli.recipe import Recipe
 from deltacli.tasks.metrics import METRICS
 
@@ -56,7 +57,11 @@ def _facts(recipe: Recipe, metrics: dict) -> list[tuple[str, str]]:
     if "params" in metrics:
         facts.append(("trains", _share(metrics["params"])))
     facts.append(
-        ("data", f"train: `{recipe.data.train}`; eval: `{recipe.data.eval or 'held out'}`")
+        (
+            "data",
+            f"train: `{sources_name(recipe.data.train)}`; "
+            f"eval: `{sources_name(recipe.data.eval) if recipe.data.eval else 'held out'}`",
+        )
     )
     if recipe.data.labels:
         facts.append(("labels (id order)", _labels(recipe.data.labels)))

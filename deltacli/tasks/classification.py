@@ -8,7 +8,7 @@ from collections.abc import Callable
 import datasets
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from deltacli.config.sections import DataConfig
+from deltacli.config.sections import DataConfig, sources_name
 from deltacli.errors import DeltacliError
 from deltacli.tasks.tables import Encoded, TaskData
 
@@ -22,22 +22,23 @@ def prepare_classes(
 ) -> TaskData:
     """Classification: label ids from the training labels (sorted) unless the recipe fixes
     them, the same mapping for the eval set."""
-    train = _with_columns(train, config, config.train)
-    evaluation = _with_columns(evaluation, config, config.eval or config.train)
+    train_name, eval_name = sources_name(config.train), sources_name(config.eval or config.train)
+    train = _with_columns(train, config, train_name)
+    evaluation = _with_columns(evaluation, config, eval_name)
     try:
         labels = config.labels or label_values(train, config.label)
     except DeltacliError as error:
         if config.eval or "fewer than two" not in str(error):
             raise
         raise DeltacliError(
-            f"{config.train} has too few rows to hold out data.eval_fraction="
+            f"{train_name} has too few rows to hold out data.eval_fraction="
             f"{config.eval_fraction} for evaluation ({len(evaluation)} held out, "
             f"{len(train)} left with fewer than two distinct labels); give --eval-data, or "
             "more rows"
         ) from None
     encoded = [
         encode(table, tokenizer, config, labels, source)
-        for table, source in ((train, config.train), (evaluation, config.eval or config.train))
+        for table, source in ((train, train_name), (evaluation, eval_name))
     ]
     return TaskData(
         train=encoded[0].table,

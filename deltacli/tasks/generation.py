@@ -8,8 +8,10 @@ whatever the template and however the tokenizer merges across a boundary.
 
 Formats (`data.format`, detected from the columns by default):
 - `alpaca`: `instruction`, optional `input`, `output`, in the Alpaca prompt below;
-- `chat`: `messages` as [{role, content}], rendered by the tokenizer's chat template (or the
-  plain template below where it has none); every assistant turn is learned;
+- `chat`: `messages` as [{role, content}] (ShareGPT `conversations` arrive mapped to it, see
+  `conversations`), rendered by the tokenizer's chat template (or the plain template below
+  where it has none); every assistant turn is learned, or the last only
+  (`data.train_on: last_assistant`);
 - `text`: `text`, all of it learned (continued pre-training).
 """
 
@@ -66,9 +68,10 @@ def detect_format(columns: list[str], requested: str) -> str:
 
 
 def render(
-    record: dict, fmt: str, tokenizer: PreTrainedTokenizerBase
+    record: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, last_turn_only: bool = False
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The record as text, and the character spans the model learns."""
+    """The record as text, and the character spans the model learns (of a conversation:
+    every assistant turn, or the last only)."""
     if fmt == "text":
         text = record["text"] + (tokenizer.eos_token or "")
         return text, [(0, len(text))]
@@ -79,9 +82,8 @@ def render(
     messages = record["messages"]
     text = chat_text(tokenizer, messages)
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    for i in turns[-1:] if last_turn_only else turns:
         before = chat_text(tokenizer, messages[:i], generation_prompt=True)
         through = chat_text(tokenizer, messages[: i + 1])
         if not (text.startswith(through) and through.startswith(before)):
@@ -128,7 +130,8 @@ def encode_causal(
         records = [
             dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
         ]
-        rendered = [render(record, fmt, tokenizer) for record in records]
+        last_only = config.train_on == "last_assistant"
+        rendered = [render(record, fmt, tokenizer, last_only) for record in records]
         encoded = tokenizer([text for text, _ in rendered], return_offsets_mapping=True)
         out = {"input_ids": [], "attention_mask": [], "labels": []}
         for (_, spans), ids, offsets in zip(

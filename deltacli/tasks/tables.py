@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import importlib.resources
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from deltacli.config.sections import DataConfig
+from deltacli.config.sections import DataConfig, Source, Sources, source_list
 from deltacli.errors import DeltacliError, first_line
+from deltacli.tasks.conversations import alpaca_as_messages, as_messages, is_conversational
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
@@ -125,6 +127,71 @@ def _chain(error: BaseException) -> list[BaseException]:
     return chain
 
 
+def load_sources(sources: Sources, hub_config: str | None, seed: int) -> datasets.Dataset:
+    """One table from a data setting: a single source as it is, several mixed as their
+    weights say (rows repeated, or a seeded share drawn) and shuffled with `seed`."""
+    items = source_list(sources)
+    tables = [load_source(source, hub_config) for source in items]
+    if len(items) == 1 and items[0].weight == 1:
+        return tables[0]
+    weighted = [_weighted(t, s, seed) for t, s in zip(tables, items, strict=True)]
+    return _mixed(weighted, [s.path for s in items]).shuffle(seed=seed, keep_in_memory=True)
+
+
+def load_source(source: Source, hub_config: str | None) -> datasets.Dataset:
+    """One source's rows: capped at `rows`, its columns renamed to the recipe's, chat
+    records in one shape (`conversations.as_messages`)."""
+    table = load_table(source.path, hub_config)
+    if source.rows is not None:
+        table = table.select(range(min(source.rows, len(table))))
+    missing = [c for c in source.columns if c not in table.column_names]
+    if missing:
+        raise DeltacliError(
+            f"{source.path} has no column {missing[0]!r} to rename "
+            f"(columns: {', '.join(table.column_names)})"
+        )
+    return as_messages(table.rename_columns(source.columns), source.path)
+
+
+def _weighted(table: datasets.Dataset, source: Source, seed: int) -> datasets.Dataset:
+    """`weight` × the rows: whole repeats, then a seeded draw for the fraction."""
+    count = round(source.weight * len(table))
+    if count == 0:
+        raise DeltacliError(
+            f"{source.path}: weight {source.weight:g} of {len(table)} row(s) leaves none"
+        )
+    repeats, extra = divmod(count, len(table))
+    drawn = sorted(random.Random(seed).sample(range(len(table)), extra))
+    return table.select(list(range(len(table))) * repeats + drawn)
+
+
+def _mixed(tables: list[datasets.Dataset], names: list[str]) -> datasets.Dataset:
+    """The sources' rows in one table, over the columns they share; Alpaca records become
+    chat turns where they meet chat records."""
+    if any(is_conversational(t) for t in tables):
+        tables = [
+            alpaca_as_messages(t) if {"instruction", "output"} <= set(t.column_names) else t
+            for t in tables
+        ]
+    shared = [c for c in tables[0].column_names if all(c in t.column_names for t in tables)]
+    if not shared:
+        listed = "; ".join(
+            f"{n}: {', '.join(t.column_names)}" for t, n in zip(tables, names, strict=True)
+        )
+        raise DeltacliError(f"the data sources share no column to mix ({listed})")
+    first = tables[0].select_columns(shared)
+    rest = []
+    for table, name in zip(tables[1:], names[1:], strict=True):
+        try:
+            rest.append(table.select_columns(shared).cast(first.features))
+        except (ValueError, TypeError) as error:
+            raise DeltacliError(
+                f"cannot mix {name} with {names[0]}: their columns hold different types "
+                f"({first_line(error)})"
+            ) from None
+    return datasets.concatenate_datasets([first, *rest])
+
+
 @dataclasses.dataclass
 class Encoded:
     """A tokenised table, and how many of its examples were cut at `data.max_length`."""
@@ -165,9 +232,9 @@ class TaskData:
 def load_tables(config: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The train and eval tables of a recipe's data section; without eval data, a seeded
     share of the training rows is held out."""
-    train = load_table(config.train, config.hub_config)
+    train = load_sources(config.train, config.hub_config, seed)
     if config.eval:
-        evaluation = load_table(config.eval, config.hub_config)
+        evaluation = load_sources(config.eval, config.hub_config, seed)
     else:
         split = train.train_test_split(test_size=config.eval_fraction, seed=seed)
         train, evaluation = split["train"], split["test"]

@@ -530,6 +530,12 @@ class Trainer:
                 "samples_per_second": round(meter.rate, 2),
                 "loss": meter.loss,
             },
+            "data": {  # the counts `deltacli data preview` reports before training
+                "train_rows": len(self.data.train),
+                "eval_examples": len(self.data.eval),
+                "loss_tokens": sum(self.units),
+                "truncated": self.data.truncated,
+            },
             "reference_bytes": self.pairs.held_bytes if self.pairs else 0,
             "optimizer_state_bytes": sum(
                 t.numel() * t.element_size()
