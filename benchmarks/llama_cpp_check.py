@@ -5,7 +5,8 @@ to SST-2 chat prompts are compared with deltacli's own (base + delta, the path `
 
 Both sides are given the same token ids (the tokenizer's, as deltacli tokenises the prompt);
 whether llama.cpp's own tokenisation of the prompt text gives the same ids is reported too.
-llama.cpp computes with the file's Q4_1 weights (activations quantised to 8 bits in its
+llama.cpp computes with the file's Q4_1 weights (in the layout the file stores them; see
+`load_llama`) (activations quantised to 8 bits in its
 matrix products), deltacli with the same weights dequantised to float32: equal answers are
 the claim, not equal logits. Writes benchmarks/results/llama-cpp-check-DATE.json.
 
@@ -29,13 +30,32 @@ from rich.table import Table
 from measure import write_results
 
 
+def load_llama(model: Path, **options):
+    """llama.cpp's model without its repacked weight layouts ("extra buffer types"): with
+    them, llama-cpp-python 0.3.36 crashes computing SmolLM2's Q4_1 weights on a CPU with
+    AMX (observed on this project's Sapphire Rapids machine, 2026-12-01); without them the
+    weights are used as the file stores them."""
+    import llama_cpp
+    import llama_cpp.llama
+
+    defaults = llama_cpp.llama_model_default_params
+
+    def plain_layouts():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = plain_layouts
+    try:
+        return llama_cpp.Llama(str(model), verbose=False, **options)
+    finally:
+        llama_cpp.llama.llama_cpp.llama_model_default_params = defaults
+
+
 def llama_cpp_answers(model: Path, adapter: Path | None, prompts: list[list[int]],
                       new_tokens: int) -> list[str]:  # fmt: skip
-    from llama_cpp import Llama
-
     options = {"lora_path": str(adapter)} if adapter else {}
-    llm = Llama(str(model), n_ctx=512, verbose=False, n_threads=os.cpu_count(),
-                type_k=0, type_v=0, **options)  # fmt: skip
+    llm = load_llama(model, n_ctx=512, n_threads=os.cpu_count(), type_k=0, type_v=0, **options)
     try:
         return [
             llm.create_completion(ids, max_tokens=new_tokens, temperature=0.0)["choices"][0]["text"]
@@ -47,9 +67,7 @@ def llama_cpp_answers(model: Path, adapter: Path | None, prompts: list[list[int]
 
 def same_tokens(model: Path, prompts: list[str], ids: list[list[int]]) -> int:
     """How many prompts llama.cpp's own tokenizer splits into the ids transformers gives."""
-    from llama_cpp import Llama
-
-    llm = Llama(str(model), vocab_only=True, verbose=False)
+    llm = load_llama(model, vocab_only=True)
     try:
         return sum(
             llm.tokenize(p.encode(), add_bos=False, special=True) == i
