@@ -797,7 +797,8 @@ def chat(
     """
     from deltacli.commands.chat import Conversation, Sampling, interactive, open_chat_model
 
-    chat_model, tokenizer = open_chat_model(target, model)
+    with err.status(f"loading {escape(target)} …"):
+        chat_model, tokenizer = open_chat_model(target, model)
     sampling = Sampling(temperature, top_p, max_new_tokens, seed)
     conversation = Conversation(chat_model, tokenizer, sampling, system)
 

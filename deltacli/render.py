@@ -141,7 +141,7 @@ def data_preview(preview: DataPreview) -> list:
 
 
 def _data_stats(stats: dict) -> Table:
-    table = Table(title="what training will see", title_justify="left")
+    table = Table(title="what training will see", title_justify="left", show_header=False)
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     rows = [
