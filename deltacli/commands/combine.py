@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Callable
 
 import torch
 
@@ -31,44 +32,59 @@ class Combination:
     densities: list[float]
     seed: int = 0
 
-    def __call__(self, name: str, increments: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """The combined increment of tensor `name` from (delta index, τ) pairs (the deltas
-        that change it; the others add nothing, but count in `linear`'s average). One pass
-        per delta over tensors of W's size, never a stack of them: merging stays streamed."""
-        weighted = [
-            (self.weights[i], self._sparsified(name, i, tau).mul_(self.weights[i]))
-            for i, tau in increments
-        ]
-        total = torch.zeros_like(weighted[0][1])
-        for _, tau in weighted:
-            total.add_(tau)
+    def __call__(
+        self, name: str, increments: list[tuple[int, Callable[[], torch.Tensor]]]
+    ) -> torch.Tensor:
+        """The combined increment of tensor `name` from (delta index, τ's maker) pairs (the
+        deltas that change it; the others add nothing, but count in `linear`'s average).
+
+        The τs are made one at a time, never held together: a first pass sums them (and
+        finds each one's TIES threshold), a second — for the sign-electing methods — makes
+        each again and keeps the entries that agree with the elected sign. Memory is a few
+        tensors of W's size whatever the number of deltas (a LoRA's τ is B·A again; DARE's
+        drop mask is seeded per delta and tensor, so it is the same mask)."""
+        thresholds: dict[int, torch.Tensor] = {}
+        total: torch.Tensor | None = None
+        for index, make in increments:
+            tau = self._sparsified(name, index, make(), thresholds).mul_(self.weights[index])
+            total = tau if total is None else total.add_(tau)
+            del tau
         if self.method not in ("ties", "dare_ties"):
             if self.method == "linear":
                 weights = sum(self.weights)
                 total.div_(weights if abs(weights) > 1e-8 else 1.0)
             return total
         positive = total >= 0  # the elected sign of each entry
-        mixed, divisor = total.zero_(), torch.zeros_like(total)
-        for weight, tau in weighted:
+        mixed, divisor = total.zero_(), None
+        for index, make in increments:
+            weight = self.weights[index]
+            tau = self._sparsified(name, index, make(), thresholds).mul_(weight)
             agree = torch.where(positive, tau > 0, tau < 0)
-            mixed.add_(torch.where(agree, tau, 0.0))
-            if self.method == "ties":
+            mixed.add_(tau.mul_(agree))
+            if self.method == "ties" and divisor is None:
+                divisor = agree.float().mul_(weight)
+            elif self.method == "ties":
                 divisor.add_(agree, alpha=weight)
+            del tau, agree
         if self.method == "ties":
-            mixed.div_(torch.where(divisor == 0, 1.0, divisor))
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
         return mixed
 
-    def _sparsified(self, name: str, index: int, tau: torch.Tensor) -> torch.Tensor:
+    def _sparsified(
+        self, name: str, index: int, tau: torch.Tensor, thresholds: dict[int, torch.Tensor]
+    ) -> torch.Tensor:
         density = self.densities[index]
         if density >= 1 or self.method in ("linear", "task_arithmetic"):
             return tau
         if self.method == "ties":
             # The `keep` largest magnitudes: at or above the keep-th largest (a selection,
             # not a sort; mergekit sorts, which differs only where magnitudes tie exactly).
-            keep = max(1, int(density * tau.numel()))
-            magnitude = tau.abs()
-            threshold = magnitude.reshape(-1).kthvalue(tau.numel() - keep + 1).values
-            return tau.mul_(magnitude >= threshold)
+            if index not in thresholds:
+                keep = max(1, int(density * tau.numel()))
+                magnitude = tau.abs().reshape(-1)
+                thresholds[index] = magnitude.kthvalue(tau.numel() - keep + 1).values
+                del magnitude
+            return tau.mul_(tau.abs() >= thresholds[index])
         # DARE: the same entries for the same seed, tensor and delta, in any order of work.
         stream = self.seed + zlib.crc32(f"{index}:{name}".encode())
         generator = torch.Generator().manual_seed(stream)

@@ -17,6 +17,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -300,7 +301,8 @@ def apply_increments(
         for _, weight, increment in changes:
             merged.add_(increment(merged), alpha=weight)
         return merged
-    return merged + combination(name, [(index, fn(merged)) for index, _, fn in changes])
+    makers = [(index, partial(fn, merged)) for index, _, fn in changes]
+    return merged.add_(combination(name, makers))
 
 
 def _check_shape(name: str, tensor: torch.Tensor, plan: Plan) -> None:
