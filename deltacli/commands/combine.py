@@ -80,13 +80,19 @@ class Combination:
             # The `keep` largest magnitudes: at or above the keep-th largest (a selection,
             # not a sort; mergekit sorts, which differs only where magnitudes tie exactly).
             if index not in thresholds:
-                keep = max(1, int(density * tau.numel()))
-                magnitude = tau.abs().reshape(-1)
-                thresholds[index] = magnitude.kthvalue(tau.numel() - keep + 1).values
-                del magnitude
+                thresholds[index] = _kth_magnitude(tau, max(1, int(density * tau.numel())))
             return tau.mul_(tau.abs() >= thresholds[index])
         # DARE: the same entries for the same seed, tensor and delta, in any order of work.
         stream = self.seed + zlib.crc32(f"{index}:{name}".encode())
         generator = torch.Generator().manual_seed(stream)
         kept = torch.rand(tau.shape, generator=generator) < density
         return tau.mul_(kept).div_(density)
+
+
+def _kth_magnitude(tau: torch.Tensor, keep: int) -> torch.Tensor:
+    """The `keep`-th largest |τ|: numpy's in-place partition of one copy of the magnitudes
+    (torch's `kthvalue` also makes int64 indices: four times the memory)."""
+    magnitude = tau.detach().abs().reshape(-1).cpu().numpy()
+    position = magnitude.size - keep
+    magnitude.partition(position)
+    return torch.tensor(magnitude[position], dtype=tau.dtype)

@@ -30,6 +30,7 @@ from deltacli.commands.combine import METHODS, Combination
 from deltacli.commands.verify import verify_merge
 from deltacli.deltas import DeltaSet
 from deltacli.errors import DeltacliError
+from deltacli.files.memory import return_large_buffers
 from deltacli.files.outputs import atomic_dir, check_apart, check_output, notice_on
 from deltacli.models.loading import load_config, local_dir
 from deltacli.models.shards import ShardWriter, TensorInfo
@@ -82,6 +83,7 @@ def merge(
     """Write `base` with every delta in `deltas` folded in to `output`: in order, or
     combined by a merge `method` (`combine.METHODS`) with per-delta `densities`."""
     started = time.perf_counter()
+    return_large_buffers()  # freed tensors go back to the OS, not to a growing heap
     if dtype != "same" and dtype not in DTYPES:
         raise DeltacliError(f"--dtype must be same, {', '.join(DTYPES)}; got {dtype!r}")
     weights = weights or [1.0] * len(deltas)
