@@ -55,18 +55,29 @@ class Combination:
                 total.div_(weights if abs(weights) > 1e-8 else 1.0)
             return total
         positive = total >= 0  # the elected sign of each entry
-        mixed, divisor = total.zero_(), None
+        mixed = total.zero_()
+        # TIES divides by the summed weights of the agreeing deltas: with one weight for all
+        # (the usual case) a count of them, a byte per entry, times that weight.
+        weights = {self.weights[index] for index, _ in increments}
+        counted = len(weights) == 1 and len(increments) < 256
+        divisor: torch.Tensor | None = None
         for index, make in increments:
             weight = self.weights[index]
             tau = self._sparsified(name, index, make(), thresholds).mul_(weight)
-            agree = torch.where(positive, tau > 0, tau < 0)
+            agree = tau > 0
+            torch.where(positive, agree, tau < 0, out=agree)
             mixed.add_(tau.mul_(agree))
-            if self.method == "ties" and divisor is None:
-                divisor = agree.float().mul_(weight)
-            elif self.method == "ties":
+            del tau
+            if self.method != "ties":
+                continue
+            if divisor is None:
+                divisor = agree.to(torch.uint8) if counted else agree.float().mul_(weight)
+            elif counted:
+                divisor.add_(agree)
+            else:
                 divisor.add_(agree, alpha=weight)
-            del tau, agree
         if self.method == "ties":
+            divisor = divisor.to(mixed.dtype).mul_(weights.pop()) if counted else divisor
             mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
         return mixed
 
@@ -81,7 +92,8 @@ class Combination:
             # not a sort; mergekit sorts, which differs only where magnitudes tie exactly).
             if index not in thresholds:
                 thresholds[index] = _kth_magnitude(tau, max(1, int(density * tau.numel())))
-            return tau.mul_(tau.abs() >= thresholds[index])
+            threshold = thresholds[index]
+            return tau.mul_((tau >= threshold).logical_or_(tau <= -threshold))
         # DARE: the same entries for the same seed, tensor and delta, in any order of work.
         stream = self.seed + zlib.crc32(f"{index}:{name}".encode())
         generator = torch.Generator().manual_seed(stream)
