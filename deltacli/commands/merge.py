@@ -259,7 +259,7 @@ def _write_shards(
                 for name in names:
                     key = checkpoint.keys[name][1]
                     if name in plan.increments:
-                        tensor = reader.read(key)
+                        tensor = reader.read(key).float()  # the stored copy freed at once
                         _check_shape(name, tensor, plan)
                         tensor = apply_increments(tensor, plan.increments[name], name, combination)
                         writer.write(name, tensor.to(layout[name].dtype))
