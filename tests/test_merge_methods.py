@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_merge import saved_delta
 
 from deltacli.build import prepare_model
@@ -166,6 +166,29 @@ def test_bad_merge_requests_exit_2(cli, tiny_bert, tmp_path):
         assert code == 2 and message in err, (options, err)
         assert len(err.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists()
+
+
+def test_heads_for_other_labels_do_not_combine_but_the_bodies_do(cli, tiny_bert, tmp_path):
+    """Two classifiers' deltas (2 and 3 labels): their heads cannot add up, so the merge is
+    refused with one line and nothing written; the same LoRAs without heads merge."""
+    saved_delta(tiny_bert, tmp_path / "two", LORA, seed=1)
+    saved_delta(tiny_bert, tmp_path / "three", LORA, seed=2, labels=(0, 1, 2))
+    code, _, err = cli("merge", tiny_bert, tmp_path / "two", tmp_path / "three",
+                       tmp_path / "out", "--method", "ties")  # fmt: skip
+    message = "changes classifier.weight of shape (3, 32)"
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    for name in ("two", "three"):
+        saved_delta(tiny_bert, tmp_path / f"{name}-body", [{**LORA[0], "targets": ["query"]}],
+                    labels=(0, 1) if name == "two" else (0, 1, 2))  # fmt: skip
+        recipe = tmp_path / f"{name}-body" / "recipe.yaml"
+        recipe.write_text(recipe.read_text().replace("head: true", "head: false"))
+        tensors = load_file(tmp_path / f"{name}-body" / "adapter_model.safetensors")
+        save_file({k: v for k, v in tensors.items() if "lora_" in k},
+                  tmp_path / f"{name}-body" / "adapter_model.safetensors")  # fmt: skip
+    code, _, err = cli("merge", tiny_bert, tmp_path / "two-body", tmp_path / "three-body",
+                       tmp_path / "bodies", "--method", "ties", "--density", "0.5")  # fmt: skip
+    assert code == 0, err
 
 
 def _full_finetune(base: Path, folder: Path, seed: int) -> Path:

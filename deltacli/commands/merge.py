@@ -196,16 +196,36 @@ def plan_increments(saved: list[SavedDelta], weights: list[float]) -> Plan:
     increments: dict[str, list[tuple[int, float, Callable]]] = {}
     needs_base: set[str] = set()
     for index, (delta_dir, weight) in enumerate(zip(saved, weights, strict=True)):
-        attached = first if delta_dir is saved[0] else saved_on_meta(delta_dir)[1]
+        own, attached = (model, first) if delta_dir is saved[0] else saved_on_meta(delta_dir)
         _refuse_unmergeable(attached, delta_dir)
         values = delta_dir.values_for(attached)
+        own_shapes = {name: p.shape for name, p in own.named_parameters()}
         for delta in attached.members:
             for name, increment in delta.delta_weights(values).items():
+                _refuse_other_shape(name, own_shapes, params, delta_dir, saved[0])
                 increments.setdefault(name, []).append((index, weight, increment))
                 if delta.needs_base:
                     needs_base.add(name)
     shapes = {name: p.shape for name, p in params.items()}
     return Plan(model, increments, shapes, needs_base)
+
+
+def _refuse_other_shape(
+    name: str,
+    shapes: dict[str, torch.Size],
+    first: dict[str, torch.Tensor],
+    saved: SavedDelta,
+    first_saved: SavedDelta,
+) -> None:
+    """Deltas combine only where the tensors they change have one shape: a head for other
+    labels (two classes and four) or another base's layers would not add up."""
+    if name in first and name in shapes and first[name].shape != shapes[name]:
+        raise DeltacliError(
+            f"{saved.folder} changes {name} of shape {tuple(shapes[name])}, "
+            f"{first_saved.folder}'s base has it of shape {tuple(first[name].shape)}: deltas "
+            "of different shapes do not combine (a head for other labels? merge the deltas "
+            "without their heads)"
+        )
 
 
 def _check_base_has(plan: Plan, names: set[str]) -> None:
