@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -105,3 +107,18 @@ def _cpus() -> int:
     import os
 
     return len(os.sched_getaffinity(0))
+
+
+def sampled_csv(source: Path, target: Path, rows: int, seed: int = 0) -> Path:
+    """`rows` rows of a CSV drawn once with `seed` into `target` (kept if it exists), so that
+    every script and every re-run trains on the same sample of a large data set."""
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(source, newline="", encoding="utf-8") as file:
+            table = list(csv.DictReader(file))
+        chosen = random.Random(seed).sample(table, min(rows, len(table)))
+        with open(target, "w", newline="", encoding="utf-8") as sink:
+            writer = csv.DictWriter(sink, fieldnames=list(chosen[0]))
+            writer.writeheader()
+            writer.writerows(chosen)
+    return target

@@ -17,10 +17,8 @@ beat to have kept anything). Writes benchmarks/results/merge-tasks-DATE.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -33,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
-from measure import write_results
+from measure import sampled_csv, write_results
 
 DELTACLI = str(Path(sys.executable).parent / "deltacli")
 AGNEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"
@@ -49,20 +47,10 @@ def deltacli(*args: str) -> str:
 
 def agnews_files(folder: Path, rows: int, eval_rows: int) -> dict[str, Path]:
     """AG News rows sampled once (seed 0) into CSVs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for name, count in (("train", rows), ("test", eval_rows)):
-        target = files[name] = folder / f"agnews-{name}.csv"
-        if target.is_file():
-            continue
-        with open(AGNEWS / f"{name}.csv", newline="", encoding="utf-8") as source:
-            table = list(csv.DictReader(source))
-        chosen = random.Random(0).sample(table, min(count, len(table)))
-        with open(target, "w", newline="", encoding="utf-8") as sink:
-            writer = csv.DictWriter(sink, fieldnames=list(chosen[0]))
-            writer.writeheader()
-            writer.writerows(chosen)
-    return files
+    return {
+        name: sampled_csv(AGNEWS / f"{name}.csv", folder / f"agnews-{name}.csv", count)
+        for name, count in (("train", rows), ("test", eval_rows))
+    }
 
 
 def trained(folder: Path, *overrides: str) -> Path:

@@ -15,9 +15,7 @@ Everything lands in --out; finished steps are reused when run again.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from deltacli.commands.subspace import decode, fit, landscape
 from deltacli.recipe import load_recipe, recipe_file
 from deltacli.storage.delta_folder import METRICS_FILE
 from deltacli.training.runs import train
+from measure import sampled_csv
 
 METHODS = ("lora", "adapter", "prefix")
 AGNEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"
@@ -130,17 +129,8 @@ def run(folder: Path, method: str, *overrides: str) -> Path:
 
 def agnews_overrides(folder: Path, args: argparse.Namespace) -> list[str]:
     """AG News rows sampled once (seed 0) into CSVs, and the overrides that train on them."""
-    folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", args.agnews_rows), ("test", args.agnews_eval_rows)):
-        target = folder / f"{name}.csv"
-        if not target.is_file():
-            with open(args.agnews / f"{name}.csv", newline="", encoding="utf-8") as source:
-                table = list(csv.DictReader(source))
-            chosen = random.Random(0).sample(table, min(rows, len(table)))
-            with open(target, "w", newline="", encoding="utf-8") as sink:
-                writer = csv.DictWriter(sink, fieldnames=list(chosen[0]))
-                writer.writeheader()
-                writer.writerows(chosen)
+        sampled_csv(args.agnews / f"{name}.csv", folder / f"{name}.csv", rows)
     return [
         f"data.train={folder / 'train.csv'}",
         f"data.eval={folder / 'test.csv'}",
