@@ -2,6 +2,7 @@
 computes what deltacli computes; the adapter's tensors are PEFT's ΔW in llama.cpp's row order;
 what cannot be exported is refused with one line and nothing written."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,11 +180,21 @@ def test_a_merged_delta_of_any_linear_kind_exports_as_a_whole_model(cli, bpe_lla
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("case", ["dora", "gpt2", "not-a-model"])
+@pytest.mark.parametrize("case", ["dora", "gpt2", "not-a-model", "sentencepiece"])
 def test_what_llama_cpp_cannot_load_is_refused_and_nothing_written(
     cli, bpe_llama, tiny_gpt2, tmp_path, case
 ):
-    if case == "dora":
+    if case == "sentencepiece":  # Llama 2's kind: byte fallback, ▁ for spaces
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        shutil.copytree(bpe_llama, tmp_path / "in")
+        core = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1}, merges=[], byte_fallback=True))
+        core.pre_tokenizer = pre_tokenizers.Metaspace()
+        PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>").save_pretrained(
+            tmp_path / "in"
+        )
+        message = "this one is SentencePiece-style BPE"
+    elif case == "dora":
         lora_delta(bpe_llama, tmp_path / "in", use_dora=True)
         message = "llama.cpp has no DoRA adapters"
     elif case == "gpt2":

@@ -222,10 +222,11 @@ def _tokenizer(writer, tokenizer: PreTrainedTokenizerBase, pre: str | None) -> N
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = state["model"]
-    if model["type"] != "BPE":
+    if model["type"] != "BPE" or _is_sentencepiece(state):
+        kind = "SentencePiece-style BPE" if model["type"] == "BPE" else model["type"]
         raise DeltacliError(
-            f"GGUF export converts byte-level BPE tokenizers; this one is {model['type']} "
-            "(use llama.cpp's convert_hf_to_gguf.py)"
+            f"GGUF export converts byte-level BPE tokenizers; this one is {kind} (Llama 2 and "
+            "Mistral use one): use llama.cpp's convert_hf_to_gguf.py"
         )
     pre = pre or _pre_tokenizer(state.get("pre_tokenizer"))
     vocab = dict(model["vocab"])
@@ -257,6 +258,14 @@ def _tokenizer(writer, tokenizer: PreTrainedTokenizerBase, pre: str | None) -> N
     writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _is_sentencepiece(state: dict) -> bool:
+    """SentencePiece's BPE as `tokenizers` holds it: bytes as <0x..> fallback tokens, spaces
+    as ▁ (Metaspace) — llama.cpp reads it as another model (`llama`), not `gpt2`."""
+    parts = [state.get("pre_tokenizer"), state.get("decoder"), state.get("normalizer")]
+    around = json.dumps(parts, ensure_ascii=False)
+    return bool(state["model"].get("byte_fallback")) or "Metaspace" in around or "▁" in around
 
 
 def _pre_tokenizer(pre_tokenizer: dict | None) -> str:
