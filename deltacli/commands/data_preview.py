@@ -23,7 +23,7 @@ from deltacli.models.loading import load_config, load_tokenizer
 from deltacli.recipe import Recipe
 from deltacli.tasks.conversations import is_conversational
 from deltacli.tasks.generation import PLAIN_CHAT_TEMPLATE, chat_text
-from deltacli.tasks.tables import TaskData, load_source
+from deltacli.tasks.tables import TaskData, load_source, load_tables
 
 # What an example holds, by encoded column: (name shown, token column, label column or None
 # when no token of it is learned). The first layout whose columns are present applies.
@@ -32,6 +32,7 @@ LAYOUTS = (
      ("rejected", "rejected_input_ids", "rejected_labels")),
     (("", "input_ids", "labels"),),
 )  # fmt: skip
+SEQUENCES = LAYOUTS[0] + LAYOUTS[1]  # every (name, token column, label column) there is
 PROBE = "\x1fdeltacli\x1f"  # an answer no template contains, to find what follows it
 
 
@@ -69,20 +70,20 @@ def preview_data(recipe: Recipe, count: int = 3, split: str = "train") -> DataPr
     `split`, with the statistics and warnings above."""
     tokenizer = load_tokenizer(recipe.model)
     task, train = recipe.task_entry, recipe.train
-    data = task.load_data(recipe.data, tokenizer, train.seed, train.mask_prompt)
+    # Task.load_data's two steps, so that packed and unpacked encodings share one read.
+    train_rows, eval_rows = load_tables(recipe.data, train.seed)
+    data = task.prepare(train_rows, eval_rows, recipe.data, tokenizer, train.mask_prompt)
     unpacked = data
     if recipe.data.packing:
         plain = dataclasses.replace(recipe.data, packing=False)
-        unpacked = task.load_data(plain, tokenizer, train.seed, train.mask_prompt)
+        unpacked = task.prepare(train_rows, eval_rows, plain, tokenizer, train.mask_prompt)
     table = unpacked.train if split == "train" else unpacked.eval
-    labels = data.labels
     shown = table.select(range(min(count, len(table))))
-    examples = [_example(row, tokenizer, labels) for row in shown]
+    examples = [_example(row, tokenizer, data.labels) for row in shown]
     stats = _stats(recipe, data, unpacked)
-    sources = [load_source(s, recipe.data.hub_config) for s in source_list(recipe.data.train)]
-    chat = task.generative and any(map(_holds_conversations, sources))
+    chat = task.generative and _holds_conversations(train_rows)
     warnings = _warnings(recipe, tokenizer, unpacked, stats, chat)
-    return DataPreview(split, examples, stats, _source_rows(recipe, sources), warnings)
+    return DataPreview(split, examples, stats, _source_rows(recipe), warnings)
 
 
 def _example(row: dict, tokenizer: PreTrainedTokenizerBase, labels: list | None) -> Example:
@@ -132,27 +133,28 @@ def _stats(recipe: Recipe, data: TaskData, unpacked: TaskData) -> dict:
     train = data.train
     loss_tokens = sum(task.units(x) for x in train[task.units_column])
     tokens = sum(_lengths(unpacked.train))
+    row_lengths = _lengths(train)
     stats: dict = {
         "train_examples": len(unpacked.train),
         "eval_examples": len(unpacked.eval),
         "train_rows": len(train),
         "tokens": tokens,
         "loss_tokens": loss_tokens,
-        "loss_share": loss_tokens / max(sum(_lengths(train)), 1),
+        "loss_share": loss_tokens / max(sum(row_lengths), 1),
         "truncated": data.truncated,
         "max_length": recipe.data.max_length,
     }
     if recipe.data.packing:
-        stats["packing_efficiency"] = sum(_lengths(train)) / max(tokens, 1)
+        stats["packing_efficiency"] = sum(row_lengths) / max(tokens, 1)
     else:
-        stats["padding_share"] = _padding_share(_lengths(train), recipe.train.batch_size)
+        stats["padding_share"] = _padding_share(row_lengths, recipe.train.batch_size)
     return stats
 
 
 def _lengths(table) -> list[int]:
     """Tokens per row (a preference pair counts both answers)."""
     present = set(table.column_names)
-    columns = [c for _, c, _ in LAYOUTS[0] + LAYOUTS[1] if c in present]
+    columns = [c for _, c, _ in SEQUENCES if c in present]
     per_column = [[len(ids) for ids in table[c]] for c in columns]
     return [sum(lengths) for lengths in zip(*per_column, strict=True)]
 
@@ -168,17 +170,19 @@ def _padding_share(lengths: list[int], batch_size: int) -> float:
     return 1 - real / max(padded, 1)
 
 
-def _source_rows(recipe: Recipe, tables: list) -> list[dict]:
+def _source_rows(recipe: Recipe) -> list[dict]:
     """Each training source: rows read, its weight, rows it brings to the mix."""
-    return [
-        {"source": source.path, "rows": len(table), "weight": source.weight,
-         "in_mix": round(source.weight * len(table))}
-        for source, table in zip(source_list(recipe.data.train), tables, strict=True)
-    ]  # fmt: skip
+    rows = []
+    for source in source_list(recipe.data.train):
+        read = len(load_source(source, recipe.data.hub_config))
+        rows.append({"source": source.path, "rows": read, "weight": source.weight,
+                     "in_mix": round(source.weight * read)})  # fmt: skip
+    return rows
 
 
 def _holds_conversations(table) -> bool:
-    """Chat records, or preference pairs written as message lists (TRL's conversational)."""
+    """Chat records (mixed sources included), or preference pairs written as message lists
+    (TRL's conversational)."""
     return is_conversational(table) or isinstance(table[0].get("chosen"), list)
 
 
@@ -250,7 +254,7 @@ def _unended_turns(table, end: int, max_length: int) -> tuple[int, int]:
     every run of learned tokens (a template may learn a line break after the end-of-turn
     token too); a run cut at `max_length` is the truncation warning's."""
     unended = turns = 0
-    for _, ids_column, labels_column in LAYOUTS[0] + LAYOUTS[1]:
+    for _, ids_column, labels_column in SEQUENCES:
         if labels_column not in table.column_names:
             continue
         for ids, labels in zip(table[ids_column], table[labels_column], strict=True):

@@ -17,6 +17,7 @@ in memory), as float32 or float16. Tokenizers: byte-level BPE with GPT-2's pre-t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -104,14 +105,18 @@ def adapter_tensors(values: dict[str, torch.Tensor], peft: dict, config) -> dict
 def peft_scaling(peft: dict, module: str) -> float:
     """PEFT's scaling of `module`'s LoRA: alpha / r, or alpha / sqrt(r) with rsLoRA; a rank
     or alpha pattern that names the module wins."""
-    rank, alpha = peft["r"], peft["lora_alpha"]
-    if peft.get("rank_pattern") or peft.get("alpha_pattern"):
-        from peft.tuners.tuners_utils import get_pattern_key
-
-        for pattern, key in ((peft.get("rank_pattern"), "r"), (peft.get("alpha_pattern"), "a")):
-            if pattern and (match := get_pattern_key(pattern, module)) in pattern:
-                rank, alpha = (pattern[match], alpha) if key == "r" else (rank, pattern[match])
+    rank = _patterned(peft.get("rank_pattern"), module, peft["r"])
+    alpha = _patterned(peft.get("alpha_pattern"), module, peft["lora_alpha"])
     return alpha / (math.sqrt(rank) if peft.get("use_rslora") else rank)
+
+
+def _patterned(pattern: dict | None, module: str, default: float) -> float:
+    """The value PEFT's `rank_pattern` / `alpha_pattern` gives `module`, else `default`."""
+    if not pattern:
+        return default
+    from peft.tuners.tuners_utils import get_pattern_key
+
+    return pattern.get(get_pattern_key(pattern, module), default)
 
 
 def write_adapter(
@@ -143,42 +148,48 @@ def write_model(
     pre: str | None = None,
     progress: Callable[[Iterator], Iterator] = iter,
 ) -> int:
-    """A Hugging Face Llama folder (safetensors) as one GGUF file; the tensors written."""
+    """A Hugging Face Llama folder (safetensors; its config passed `check_llama`) as one GGUF
+    file; the tensors written."""
     import gguf
 
-    check_llama(config)
-    tensors = _model_tensors(folder, config)
-    writer = gguf.GGUFWriter(path, ARCHITECTURE)
-    _hyperparameters(writer, config, dtype)
-    _tokenizer(writer, tokenizer, pre)
-    for name, (reader, key, _) in tensors.items():
-        shape = reader.info[key].shape
-        kept = np.dtype(DTYPES[dtype] if len(shape) > 1 else np.float32)  # norms stay float32
-        writer.add_tensor_info(name, shape, kept, math.prod(shape) * kept.itemsize)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for _, (reader, key, heads) in progress(tensors.items()):
-        tensor = reader.read(key).float()
-        if heads is not None:
-            tensor = permute_rotary(tensor, heads)
-        kept = DTYPES[dtype] if tensor.dim() > 1 else np.float32
-        writer.write_tensor_data(tensor.numpy().astype(kept))
-    writer.close()
-    for reader in {id(r): r for r, _, _ in tensors.values()}.values():
-        reader.close()
+    with contextlib.ExitStack() as readers:
+        tensors = _model_tensors(folder, config, readers)
+        writer = gguf.GGUFWriter(path, ARCHITECTURE)
+        _hyperparameters(writer, config, dtype)
+        _tokenizer(writer, tokenizer, pre)
+        for name, (reader, key, _) in tensors.items():
+            shape = reader.info[key].shape
+            kept = _stored(dtype, len(shape))
+            writer.add_tensor_info(name, shape, kept, math.prod(shape) * kept.itemsize)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, (reader, key, heads) in progress(tensors.items()):
+            tensor = reader.read(key).float()
+            if heads is not None:
+                tensor = permute_rotary(tensor, heads)
+            writer.write_tensor_data(tensor.numpy().astype(_stored(dtype, tensor.dim())))
+        writer.close()
     return len(tensors)
 
 
-def _model_tensors(folder: Path, config) -> dict[str, tuple[ShardReader, str, int | None]]:
-    """GGUF name -> (the shard holding it, its key there, q/k heads to permute by)."""
+def _stored(dtype: str, dimensions: int) -> np.dtype:
+    """How a tensor is stored: matrices in `dtype`, norms (vectors) in float32."""
+    return np.dtype(DTYPES[dtype] if dimensions > 1 else np.float32)
+
+
+def _model_tensors(
+    folder: Path, config, readers: contextlib.ExitStack
+) -> dict[str, tuple[ShardReader, str, int | None]]:
+    """GGUF name -> (the shard holding it, its key there, q/k heads to permute by); each
+    shard's reader closes with `readers`."""
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise DeltacliError(f"{folder} holds no safetensors weights to export")
     names = _tensor_names(config)
     out = {}
     for shard in shards:
-        reader = ShardReader(shard)
+        reader = readers.enter_context(ShardReader(shard))
         for key in reader.info:
             if key.endswith("rotary_emb.inv_freq"):
                 continue
