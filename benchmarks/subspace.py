@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 from rich.console import Console
@@ -27,7 +28,7 @@ from deltacli.commands.subspace import decode, fit, landscape
 from deltacli.recipe import load_recipe, recipe_file
 from deltacli.storage.delta_folder import METRICS_FILE
 from deltacli.training.runs import train
-from measure import sampled_csv
+from measure import sampled_csv, write_results
 
 METHODS = ("lora", "adapter", "prefix")
 AGNEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"
@@ -38,81 +39,120 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dim", type=int, default=4)
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--seeds", default="42,43,44", help="seeds of every z run")
+    parser.add_argument(
+        "--head-lrs", default="1e-2,1e-1,3e-1", help="learning rates of the head-only floor"
+    )
     parser.add_argument("--agnews", type=Path, default=AGNEWS, help="folder of train/test.csv")
-    parser.add_argument("--agnews-rows", type=int, default=2000, help="AG News training rows")
+    parser.add_argument("--agnews-rows", type=int, default=1000, help="AG News training rows")
     parser.add_argument("--agnews-eval-rows", type=int, default=1000)
     parser.add_argument("--landscape-rows", type=int, default=256)
+    parser.add_argument("--grid", type=int, default=11, help="landscape points per side")
     parser.add_argument("--figure", type=Path, help="also copy the landscape PNG here")
     parser.add_argument(
         "--quick", action="store_true", help="64 rows, 1 epoch, 20 fit steps: checks the script"
     )
     args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    head_lrs = args.head_lrs.split(",")
     if args.quick:
         QUICK.extend(["data.max_train_rows=64", "train.epochs=1"])
         args.steps, args.agnews_rows, args.agnews_eval_rows, args.landscape_rows = 20, 64, 64, 16
+        args.grid = 3
     console = Console(stderr=True)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
-    sst2 = {m: run(out / "sst2" / m, m) for m in METHODS}
-    space = out / "space"
-    if not (space / "subspace.json").is_file():
-        fit([sst2[m] for m in METHODS], space, dim=args.dim, steps=args.steps, console=console)
-    fitted = json.loads((space / "subspace.json").read_text())
-
-    z_sst2 = {m: run(out / "sst2-z" / m, "subspace", *through(space, m)) for m in METHODS}
     agnews = agnews_overrides(out / "agnews", args)
-    floor = run(out / "agnews" / "head-only", "modules", *agnews, *HEAD_ONLY)
-    full_agnews = {m: run(out / "agnews" / m, m, *agnews) for m in METHODS}
-    z_agnews = {
-        m: run(out / "agnews-z" / m, "subspace", *through(space, m), *agnews) for m in METHODS
-    }
-    tasks = {
-        "SST-2": (sst2, z_sst2, "sst2:validation"),
-        "AG News": (full_agnews, z_agnews, str(out / "agnews" / "test.csv")),
-    }
-    transfers = [  # each z decoded as the other two methods, against the target's own run
+    data = {"SST-2": [], "AG News": agnews}
+    floors = {
+        task: {lr: run(out / key / f"head-only-{lr}", "modules", *data[task], *head_only(lr))
+               for lr in head_lrs}
+        for task, key in (("AG News", "agnews"), ("SST-2", "sst2"))
+    }  # fmt: skip
+    agnews_full = {m: run(out / "agnews" / m, m, *agnews) for m in METHODS}
+    full = {"SST-2": {m: run(out / "sst2" / m, m) for m in METHODS}, "AG News": agnews_full}
+    space = fitted_space(out / "space", [full["SST-2"][m] for m in METHODS], args, console)
+    z = {
+        task: {
+            m: [run(out / f"{key}-z" / f"{m}-{seed}", "subspace", *through(space, m),
+                    *data[task], f"train.seed={seed}") for seed in seeds]
+            for m in METHODS
+        }
+        for task, key in (("SST-2", "sst2"), ("AG News", "agnews"))
+    }  # fmt: skip
+    scored = {"SST-2": "sst2:validation", "AG News": str(out / "agnews" / "test.csv")}
+    transfers = [  # each first-seed z decoded as the other two methods, against the target's run
         {
             "task": task,
             "from": source,
             "to": target,
-            "accuracy": decoded(space, target, z[source], data, out / "decoded" / task / source),
-            "full": accuracy(full[target]),
+            "accuracy": decoded(
+                space, target, z[task][source][0], scored[task], out / "decoded" / task / source
+            ),
+            "full": accuracy(full[task][target]),
         }
-        for task, (full, z, data) in tasks.items()
+        for task in full
         for source in METHODS
         for target in METHODS
         if target != source
     ]
-    figure = out / "landscape"
+    # The landscape of the AG News solutions: a subspace fitted to them, its plane drawn.
+    agnews_space = fitted_space(
+        out / "space-agnews", [full["AG News"][m] for m in METHODS], args, console
+    )
+    figure = out / "landscape-agnews"
     if not (figure / "landscape.json").is_file():
-        grid = 3 if args.quick else 11
-        landscape(space, figure, grid=grid, rows=args.landscape_rows, console=console)
+        landscape(agnews_space, figure, grid=args.grid, rows=args.landscape_rows, console=console)
 
+    fits = {
+        "SST-2": json.loads((space / "subspace.json").read_text()),
+        "AG News": json.loads((agnews_space / "subspace.json").read_text()),
+    }
     report = Console()
-    report.print(fit_table(fitted))
-    report.print(z_table(tasks, floor, args.dim))
+    for task, fitted in fits.items():
+        report.print(fit_table(fitted, task))
+    report.print(z_table(full, z, floors, args.dim))
     report.print(transfer_table(transfers))
     results = {
-        "fit": fitted["scores"],
+        "fit": {task: fitted["scores"] for task, fitted in fits.items()},
         "z": {
-            task: {m: {"z": accuracy(z[m]), "full": accuracy(full[m])} for m in METHODS}
-            for task, (full, z, _) in tasks.items()
+            task: {
+                m: {"z": [accuracy(f) for f in z[task][m]], "full": accuracy(full[task][m])}
+                for m in METHODS
+            }
+            for task in full
         },
-        "agnews_head_only": accuracy(floor),
+        "head_only": {
+            task: {lr: accuracy(f) for lr, f in runs.items()} for task, runs in floors.items()
+        },
         "transfers": transfers,
-        "dim": args.dim,
-        "steps": args.steps,
+        "landscape_agnews": json.loads((figure / "landscape.json").read_text()),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    if not args.quick:
+        flags = {"dim": args.dim, "steps": args.steps, "seeds": seeds, "head_lrs": head_lrs,
+                 "agnews_rows": args.agnews_rows, "agnews_eval_rows": args.agnews_eval_rows,
+                 "grid": args.grid, "landscape_rows": args.landscape_rows}  # fmt: skip
+        path = write_results("subspace", "the unified subspace on SST-2 and AG News", [results],
+                             flags=flags)  # fmt: skip
+        console.print(f"raw results: {path}")
     if args.figure:
         shutil.copy(figure / "landscape.png", args.figure)
 
 
 QUICK: list[str] = []  # overrides of every run under --quick
 
-# The floor z must beat on a new task: the base model with only a fresh classifier trained.
-HEAD_ONLY = ["head=false", "deltas.0.targets=[classifier]", "train.lr=2e-3"]
+
+def head_only(lr: str) -> list[str]:
+    """The floor z must beat: the base model with only a fresh classifier trained."""
+    return ["head=false", "deltas.0.targets=[classifier]", f"train.lr={lr}"]
+
+
+def fitted_space(folder: Path, deltas: list[Path], args: argparse.Namespace, console) -> Path:
+    if not (folder / "subspace.json").is_file():
+        fit(deltas, folder, dim=args.dim, steps=args.steps, console=console)
+    return folder
 
 
 def through(space: Path, method: str) -> list[str]:
@@ -155,8 +195,8 @@ def trainable(folder: Path) -> int:
     return json.loads((folder / METRICS_FILE).read_text())["params"]["trainable"]
 
 
-def fit_table(fitted: dict) -> Table:
-    table = Table(title=f"the fitted subspace (d = {fitted['dim']}) on SST-2 dev")
+def fit_table(fitted: dict, task: str) -> Table:
+    table = Table(title=f"the subspace (d = {fitted['dim']}) fitted to the {task} solutions")
     for column in ("method", "parameters", "own accuracy", "at its point", "‖θ−Dec(Enc θ)‖/‖θ‖"):
         table.add_column(column, justify="right")
     for name, scores in fitted["scores"].items():
@@ -170,22 +210,29 @@ def fit_table(fitted: dict) -> Table:
     return table
 
 
-def z_table(tasks: dict, floor: Path, dim: int) -> Table:
-    table = Table(title=f"training only z ({dim} numbers) + the head, against the full space")
-    for column in ("task", "through", "z trains", "z accuracy", "full space", "z / full"):
+def z_table(full: dict, z: dict, floors: dict, dim: int) -> Table:
+    seeds = len(next(iter(z["SST-2"].values())))
+    table = Table(
+        title=f"training only z ({dim} numbers of the SST-2 subspace) + the head, {seeds} seeds"
+    )
+    for column in ("task", "through", "z trains", "z accuracy (mean ± std)", "full space",
+                   "z / full", "head only, best lr"):  # fmt: skip
         table.add_column(column, justify="right")
-    table.add_column("head only (floor)", justify="right")
-    for task, (full, z, _) in tasks.items():
+    for task in full:
+        lr, best = max(((lr, accuracy(f)) for lr, f in floors[task].items()), key=lambda x: x[1])
         for method in METHODS:
+            scores = [accuracy(f) for f in z[task][method]]
+            own = accuracy(full[task][method])
             table.add_row(
                 task,
                 method,
-                f"{trainable(z[method]):,}",
-                f"{100 * accuracy(z[method]):.1f}%",
-                f"{100 * accuracy(full[method]):.1f}% ({trainable(full[method]):,})",
-                f"{100 * accuracy(z[method]) / accuracy(full[method]):.1f}%",
-                f"{100 * accuracy(floor):.1f}%" if task == "AG News" else "",
-            )
+                f"{trainable(z[task][method][0]):,}",
+                f"{100 * statistics.mean(scores):.1f} ± {100 * statistics.stdev(scores):.1f}%"
+                if len(scores) > 1 else f"{100 * scores[0]:.1f}%",
+                f"{100 * own:.1f}% ({trainable(full[task][method]):,})",
+                f"{100 * statistics.mean(scores) / own:.1f}%",
+                f"{100 * best:.1f}% (lr {lr})" if method == METHODS[0] else "",
+            )  # fmt: skip
     return table
 
 

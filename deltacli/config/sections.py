@@ -144,6 +144,17 @@ class TrainConfig:
     )
     mask_prompt: bool = option(True, "causal-lm: the loss sees only the responses")
     gradient_checkpointing: bool = option(False, "recompute activations to save memory")
+    fused_loss: bool = option(
+        True,
+        "causal-lm: run the output layer and cross-entropy a chunk of tokens at a time on the "
+        "tokens the loss counts, never holding the [tokens x vocabulary] logits (same loss, "
+        "less memory); false: the model's own head and one cross-entropy",
+    )
+    compile: bool = option(
+        False,
+        "torch.compile each transformer layer with its deltas inside (compiled once, shared "
+        "by every layer); costs compile time at the start, off until measured faster",
+    )
     preview: int = option(
         0, "generative tasks: show this many eval generations before/after", NOT_NEGATIVE
     )

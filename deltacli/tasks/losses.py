@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from deltacli.labels import IGNORE
 
 
-def _precise(logits: torch.Tensor) -> torch.Tensor:
+def precise(logits: torch.Tensor) -> torch.Tensor:
     """Half precision computes the loss in float32; float32 and float64 stay as they are."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of one label per example."""
-    return F.cross_entropy(_precise(logits), labels, reduction="sum")
+    return F.cross_entropy(precise(logits), labels, reduction="sum")
 
 
 def class_units(labels: list | int) -> int:
@@ -38,7 +38,7 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> to
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(
-        _precise(logits).reshape(-1, logits.shape[-1]),
+        precise(logits).reshape(-1, logits.shape[-1]),
         labels.reshape(-1),
         ignore_index=IGNORE,
         reduction="sum",

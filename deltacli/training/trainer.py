@@ -22,14 +22,18 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from deltacli.build import parameter_counts, start_from_saved
+from deltacli.config.sections import TrainConfig
 from deltacli.deltas.base import sharded_like, whole
 from deltacli.errors import DeltacliError
 from deltacli.recipe import Recipe
 from deltacli.tasks.evaluation import evaluate, generate
 from deltacli.tasks.metrics import oriented
+from deltacli.tasks.registry import CAUSAL_LM
 from deltacli.tasks.scoring import reported_metrics
 from deltacli.tasks.tables import TaskData, data_fingerprint
 from deltacli.training.checkpoints import read_checkpoint, restore_random_state
+from deltacli.training.compiling import compile_layers
+from deltacli.training.fused_loss import ChunkedHeadLoss
 from deltacli.training.interrupts import Interrupted, StopRequest, stop_requests
 from deltacli.training.logs import MetricsLog, progress_bars, trackers
 from deltacli.training.preference import PreferenceStep
@@ -99,6 +103,7 @@ class Trainer:
             self.deltas.calibrate(unwrapped, self._calibration_batches(), self.accelerator)
             self.epoch_order = self.order.get_state()
             self.initial = self.deltas.export_initial()
+        self._fast_step(config)
         self._announce(checkpoint)
 
     @functools.cached_property
@@ -188,6 +193,16 @@ class Trainer:
                 "DeepSpeed ZeRO-3 is not supported yet; use FSDP for a base beyond one GPU "
                 "(examples/accelerate/fsdp.yaml) or ZeRO stage 1-2"
             )
+
+    def _fast_step(self, config: TrainConfig) -> None:
+        """The chunked loss where the logits are a plain causal-LM head's, and the compiled
+        layers where the recipe asks (both after the deltas attached and calibrated)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        chunked = config.fused_loss and self.task is CAUSAL_LM and not self.sharded
+        chunked = chunked and ChunkedHeadLoss.applies(unwrapped)
+        self.head_loss = ChunkedHeadLoss(unwrapped) if chunked else None
+        if config.compile:
+            compile_layers(unwrapped)
 
     def notice(self, line: str) -> None:
         if self.console:
@@ -430,6 +445,10 @@ class Trainer:
         inputs = batch if self.task.labels_in_forward else {
             k: v for k, v in batch.items() if k != "labels"
         }  # fmt: skip
+        if self.head_loss is not None:
+            with self.head_loss.hidden_states():
+                hidden = self.model(**inputs).logits
+            return self.head_loss.loss(hidden, labels), {}
         return self.task.loss(self.model(**inputs).logits, labels), {}
 
     def _step_metrics(self) -> dict[str, float]:

@@ -1,0 +1,122 @@
+"""The chunked output layer + cross-entropy (`train.fused_loss`) against the model's own head.
+
+SmolLM2-135M-Instruct (49,152-token vocabulary) with LoRA, packed rows of 512 tokens, batch
+8 — 4,096 tokens a step, whose logits alone are 805 MB in float32. Two kinds of data:
+plain AG News text, where every token counts in the loss, and the bundled SST-2 chat sample,
+where only the answers do. Each run is `deltacli train` in its own process (`--steps` steps,
+evaluation on 8 rows at batch 1 so that it does not set the peak); the two sides alternate
+A-B-B-A. Printed: peak RSS, training tokens/s and the training loss of the same steps (the
+two sides compute the same sum, so they agree to float32 rounding).
+
+    python benchmarks/chunked_loss.py                # 2 runs per side, about 15 minutes
+    python benchmarks/chunked_loss.py --repeats 1 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from rich.console import Console
+from rich.table import Table
+
+from measure import measured, sampled_csv, write_results
+
+AGNEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"
+SIDES = {"model's head": "false", "chunked": "true"}
+
+
+def data_rows(work: Path) -> dict[str, list[str]]:
+    """Each row's data overrides: AG News as plain text, the bundled chat sample."""
+    text = sampled_csv(AGNEWS / "train.csv", work / "agnews-train.csv", 2000)
+    held = sampled_csv(AGNEWS / "test.csv", work / "agnews-test.csv", 8)
+    return {
+        "plain text, every token counts": [
+            f"data.train={text}", f"data.eval={held}", "data.format=text", "data.text=text",
+        ],
+        "chat, the answers count": [
+            "data.eval=[{path: 'sst2_chat:validation', rows: 8}]",
+        ],
+    }  # fmt: skip
+
+
+def run(work: Path, data: list[str], fused: str, steps: int) -> dict:
+    output = Path(tempfile.mkdtemp(dir=work)) / "run"
+    command = [
+        "deltacli", "train", "--method", "lora_instruct", "-o", str(output),
+        *data, "data.packing=true", "data.max_length=512", "train.batch_size=8",
+        f"train.max_steps={steps}", "train.preview=0", "train.eval_batch_size=1",
+        f"train.fused_loss={fused}",
+    ]  # fmt: skip
+    wall, peak, _ = measured(command)
+    metrics = json.loads((output / "metrics.json").read_text())
+    seconds = metrics["train"]["seconds"]
+    return {
+        "fused_loss": fused,
+        "peak_rss_mb": round(peak),
+        "tokens_per_second": round(metrics["train"]["samples"] * 512 / seconds, 1),
+        "train_loss": metrics["train"]["loss"],
+        "loss_tokens": metrics["data"]["loss_tokens"],
+        "wall_s": round(wall, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side (A-B-B-A)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/deltacli-chunked-loss"))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for row, data in data_rows(args.work).items():
+        for side in abba(list(SIDES), args.repeats):
+            result = {"row": row, "side": side, **run(args.work, data, SIDES[side], args.steps)}
+            Console(stderr=True).print(result)
+            results.append(result)
+    path = write_results(
+        "chunked-loss", "peak RSS and speed of LoRA on SmolLM2, the model's head vs chunked",
+        results, steps=args.steps, repeats=args.repeats,
+    )  # fmt: skip
+    Console().print(table(results))
+    Console(stderr=True).print(f"raw runs: {path}")
+
+
+def abba(sides: list[str], repeats: int) -> list[str]:
+    """A, B, then B, A, ...: a drift over time (a warming machine) hits both sides alike."""
+    return [side for r in range(repeats) for side in (sides if r % 2 == 0 else sides[::-1])]
+
+
+def table(results: list[dict]) -> Table:
+    out = Table(title="SmolLM2-135M + LoRA, packed 8 × 512 tokens a step (median, min–max)")
+    for column in ("data", "side", "peak RSS", "tokens/s", "train loss", "runs"):
+        out.add_column(column, justify="right")
+    for row in dict.fromkeys(r["row"] for r in results):
+        base = None
+        for side in SIDES:
+            runs = [r for r in results if r["row"] == row and r["side"] == side]
+            peak = statistics.median(r["peak_rss_mb"] for r in runs)
+            speed = statistics.median(r["tokens_per_second"] for r in runs)
+            base = base or (peak, speed)
+            out.add_row(
+                row, side,
+                f"{peak:,.0f} MB ({peak / base[0]:.2f}×) [{_spread(runs, 'peak_rss_mb')}]",
+                f"{speed:,.0f} ({speed / base[1]:.2f}×) [{_spread(runs, 'tokens_per_second')}]",
+                f"{runs[0]['train_loss']:.5f}", str(len(runs)),
+            )  # fmt: skip
+    return out
+
+
+def _spread(runs: list[dict], key: str) -> str:
+    values = [r[key] for r in runs]
+    return f"{min(values):,.0f}–{max(values):,.0f}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""A causal LM's training loss without its `[tokens × vocabulary]` logits.
+
+The model's own head turns every position into a vocabulary-wide row of logits — 4,096
+positions × SmolLM2's 49,152 tokens is 805 MB in float32, and its log-softmax and gradient
+as much again each — although instruction tuning counts the loss on the answers only. Here
+the decoder runs with its output layer passed through, the positions whose label counts
+are picked out, and the output layer and cross-entropy run on them a chunk at a time, each
+chunk recomputed in the backward pass (activation checkpointing) rather than kept. Peak
+memory is one chunk's logits; the result is the same sum as `losses.token_loss`.
+
+The output layer is called as a module, so a delta on it (LoRA or IA3 on `lm_head`, full
+fine-tuning of a tied embedding) trains as it does in the plain step. Models that change
+the logits after the output layer (soft-capping, logit scales) keep the plain step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from deltacli.labels import IGNORE
+from deltacli.tasks.losses import precise
+
+# Logit entries per chunk (64 MB in float32): SmolLM2's 49,152-token vocabulary gives 341
+# positions a chunk, a 128k vocabulary 131.
+CHUNK_ENTRIES = 2**24
+
+# Configuration keys of models that transform the logits after the output layer.
+_AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+class PassThrough(nn.Module):
+    """Stands in for the output layer while the decoder runs: returns the hidden states."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+class ChunkedHeadLoss:
+    """The summed token loss of a causal LM computed a chunk of positions at a time."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.head = model.get_output_embeddings()
+        self.owner, self.attribute = _owner(model, self.head)
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        """True where the logits are exactly the output layer's: a plain causal-LM head."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        config = getattr(model, "config", None)
+        return (
+            isinstance(head, nn.Linear)
+            and _owner(model, head)[0] is not None
+            and not any(getattr(config, key, None) for key in _AFTER_HEAD)
+        )
+
+    @contextlib.contextmanager
+    def hidden_states(self) -> Iterator[None]:
+        """While open, the model's `logits` are the hidden states its head would read."""
+        setattr(self.owner, self.attribute, PassThrough())
+        try:
+            yield
+        finally:
+            setattr(self.owner, self.attribute, self.head)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`hidden`: the model's output under `hidden_states()`. The loss summed over the
+        label tokens that are not -100, the label at t + 1 predicted at t."""
+        # A prompt delta prepends positions: the hidden states align on the labels' end.
+        hidden = hidden[:, -labels.shape[1] :][:, :-1].reshape(-1, hidden.shape[-1])
+        targets = labels[:, 1:].reshape(-1)
+        counted = (targets != IGNORE).nonzero().squeeze(1)
+        if len(counted) == 0:
+            # Nothing counts (a stand-in micro-batch): a zero that still reaches every
+            # weight the plain loss reaches, so the backward pass runs the same hooks.
+            return self._chunk_loss(hidden[:1], targets.new_zeros(1)) * 0.0
+        hidden, targets = hidden.index_select(0, counted), targets.index_select(0, counted)
+        rows = max(1, CHUNK_ENTRIES // self.head.out_features)
+        chunks = [
+            checkpoint(self._chunk_loss, hidden[i : i + rows], targets[i : i + rows],
+                       use_reentrant=False)
+            for i in range(0, len(targets), rows)
+        ]  # fmt: skip
+        return torch.stack(chunks).sum()
+
+    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(precise(self.head(hidden)), targets, reduction="sum")
+
+
+def _owner(model: nn.Module, head: nn.Module) -> tuple[nn.Module | None, str]:
+    """The module holding `head` as an attribute, and the attribute's name."""
+    for name, module in model.named_modules():
+        if module is head and name:
+            parent, _, attribute = name.rpartition(".")
+            return model.get_submodule(parent), attribute
+    return None, ""
