@@ -1,14 +1,15 @@
 """The chunked output layer + cross-entropy (`train.fused_loss`) against the model's own head.
 
 SmolLM2-135M-Instruct (49,152-token vocabulary) with LoRA, packed rows of 512 tokens, batch
-8 — 4,096 tokens a step, whose logits alone are 805 MB in float32. Two kinds of data:
-plain AG News text, where every token counts in the loss, and the bundled SST-2 chat sample,
-where only the answers do. Each run is `deltacli train` in its own process (`--steps` steps,
-evaluation on 8 rows at batch 1 so that it does not set the peak); the two sides alternate
-A-B-B-A. Printed: peak RSS, training tokens/s and the training loss of the same steps (the
-two sides compute the same sum, so they agree to float32 rounding).
+8 — 4,096 tokens a step, whose logits alone are 805 MB in float32. Two kinds of data: plain
+AG News text, where every token counts in the loss (with and without gradient
+checkpointing), and the bundled SST-2 chat sample, where only the answers do. Each run is
+`deltacli train` in its own process (`--steps` steps, evaluation on 8 rows at batch 1 so
+that it does not set the peak); the two sides alternate A-B-B-A. Printed: peak RSS,
+training tokens/s and the training loss of the same steps (the two sides compute the same
+sum, so they agree to float32 rounding).
 
-    python benchmarks/chunked_loss.py                # 2 runs per side, about 15 minutes
+    python benchmarks/chunked_loss.py                # 2 runs per side, about 30 minutes
     python benchmarks/chunked_loss.py --repeats 1 --steps 2
 """
 
@@ -33,15 +34,17 @@ SIDES = {"model's head": "false", "chunked": "true"}
 
 
 def data_rows(work: Path) -> dict[str, list[str]]:
-    """Each row's data overrides: AG News as plain text, the bundled chat sample."""
+    """Each row's overrides: AG News as plain text, with and without gradient checkpointing
+    (which leaves the logits the largest thing a step holds), and the bundled chat sample."""
     text = sampled_csv(AGNEWS / "train.csv", work / "agnews-train.csv", 2000)
     held = sampled_csv(AGNEWS / "test.csv", work / "agnews-test.csv", 8)
+    plain = [f"data.train={text}", f"data.eval={held}", "data.format=text", "data.text=text"]
+    recompute = "train.gradient_checkpointing=true"
     return {
-        "plain text, every token counts": [
-            f"data.train={text}", f"data.eval={held}", "data.format=text", "data.text=text",
-        ],
-        "chat, the answers count": [
-            "data.eval=[{path: 'sst2_chat:validation', rows: 8}]",
+        "plain text, every token counts": plain,
+        "plain text, gradient checkpointing": [*plain, recompute],
+        "chat, the answers count, gradient checkpointing": [
+            "data.eval=[{path: 'sst2_chat:validation', rows: 8}]", recompute,
         ],
     }  # fmt: skip
 
