@@ -1,11 +1,11 @@
 """GPU training throughput and memory per method: deltacli against PEFT + a plain loop.
 
-A randomly initialised Llama of 828M parameters (hidden 2048, 16 layers, 16 heads / 4 KV
-heads, the embedded model's 30,522-token vocabulary), stored in bf16, learns packed plain
-text (rows of exactly 512 tokens, batch 8, so every step is 4,096 tokens on both sides).
-Each run is its own process; the first `--warmup` steps (CUDA and cuBLAS start-up, kernel
-selection) are not timed; the two sides of a row alternate, and every row is measured
-`--repeats` times. Rows:
+A randomly initialised Llama stored in bf16 — 828M parameters (hidden 2048, 16 layers, 16
+heads / 4 KV heads) or, with `--size 1b`, TinyLlama-1.1B's shape (22 layers, 32 / 4 heads) —
+with the embedded model's 30,522-token vocabulary, learns packed plain text (rows of exactly
+`--length` tokens, `--batch` rows a step, the same on both sides). Each run is its own
+process; the first `--warmup` steps (CUDA and cuBLAS start-up, kernel selection, compiling)
+are not timed; the two sides of a row alternate A-B-B-A over `--repeats` runs each. Rows:
 
 - every method PEFT also has (LoRA, IA3, prefix, prompt, LayerNorm tuning, full), float32
   base weights under bf16 autocast on both sides;
@@ -13,9 +13,16 @@ selection) are not timed; the two sides of a row alternate, and every row is mea
 - LoRA over a base stored in bf16 (`base_dtype: auto`) and in NF4 (`quantize: nf4`), against
   PEFT over the same base.
 
-    python benchmarks/gpu.py                  # the table; about 6 minutes on one H100/H200
-    python benchmarks/gpu.py --tiny           # a 2-layer model on the CPU (CI's smoke test)
-    python benchmarks/gpu.py --profile lora   # where a step's time goes, deltacli vs PEFT
+Every run lands in a raw file (benchmarks/results/gpu-DEVICE-TIME.json, or `--out`) with the
+commit, the flags, the GPU's name and clocks, the library versions and the time; the table
+printed at the end — median [min–max] per side, the ratio of medians, MFU — is printed from
+that file, and `--markdown FILE …` prints it again from any raw files.
+
+    python benchmarks/gpu.py                               # 828M, batch 8 × 512, 5 + 5 runs
+    python benchmarks/gpu.py --size 1b --length 2048 --batch 16 --compile
+    python benchmarks/gpu.py --tiny                        # a 2-layer model on the CPU (CI)
+    python benchmarks/gpu.py --profile lora                # where a step's time goes
+    python benchmarks/gpu.py --markdown benchmarks/results/gpu-h200-*.json
 """
 
 from __future__ import annotations
@@ -26,15 +33,24 @@ import importlib.resources
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # measure.py, when run from elsewhere
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-BATCH, LENGTH = 8, 512  # --tiny: 2 × 64
+BATCH, LENGTH = 8, 512  # --tiny: 2 × 64; --batch, --length
+COMPILE = False  # --compile: the deltacli side compiles its layers
+# (hidden, intermediate, layers, heads, KV heads) of the random Llamas; the 1B one is
+# TinyLlama-1.1B's shape.
+SIZES = {"828m": (2048, 5440, 16, 16, 4), "1b": (2048, 5632, 22, 32, 4)}
+TINY = (64, 128, 2, 1, 1)
+# Dense bf16 tensor-core peaks (TFLOP/s) by the last word of the device's name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 DELTAS = {
     "lora": {"kind": "lora", "r": 16, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj",
                                                                 "o_proj"]},
@@ -60,20 +76,19 @@ ROWS = [
 NF4_ROW = ("lora, NF4 base (QLoRA)", "lora", "nf4")
 
 
-def build_model(folder: Path, tokenizer_dir: str, tiny: bool) -> None:
+def build_model(folder: Path, tokenizer_dir: str, size: str) -> None:
     """The random Llama, saved in bf16 with the tokenizer beside it."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.save_pretrained(folder)
-    hidden, layers = (64, 2) if tiny else (2048, 16)
+    hidden, intermediate, layers, heads, kv = TINY if size == "tiny" else SIZES[size]
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 128),
-        num_key_value_heads=max(1, hidden // 512), pad_token_id=tokenizer.pad_token_id,
-        max_position_embeddings=2048, dtype="bfloat16",
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=4096, dtype="bfloat16",
     )  # fmt: skip
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
@@ -117,6 +132,7 @@ def recipe(model: str, data: Path, method: str, variant: str, steps: int, gpu: b
                 "mixed_precision": "bf16" if gpu else "no",
                 "warmup_ratio": 0.0,
                 "log_every": 1,
+                "compile": COMPILE,
             },
         }
     )
@@ -292,18 +308,27 @@ def measure(argv: list[str], timeout: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU")
+    parser.add_argument("--size", choices=sorted(SIZES), default="828m", help="the random Llama")
+    parser.add_argument("--length", type=int, default=None, help="tokens per packed row")
+    parser.add_argument("--batch", type=int, default=None, help="rows per step")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per side, A-B-B-A")
+    parser.add_argument("--compile", action="store_true", help="deltacli side: train.compile=true")
     parser.add_argument(
         "--tokenizer", default=None, help="tokenizer files [default: the embedded model's]"
     )
     parser.add_argument("--work", default="/tmp/deltacli-gpu-bench", help="model and data folder")
-    parser.add_argument("--out", default=None, help="write the results as JSON here too")
+    parser.add_argument(
+        "--out", default=None, help="the raw results file [default: benchmarks/results/]"
+    )
     parser.add_argument(
         "--rows", default=None, help="row labels to run, separated by ';' (default: all)"
     )
     parser.add_argument("--profile", default=None, help="profile this method (both sides) instead")
+    parser.add_argument(
+        "--markdown", nargs="+", type=Path, help="print README's table from these raw files"
+    )
     # one measured run (the script calls itself)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -312,24 +337,31 @@ def main() -> None:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--profile-side", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.tiny:
-        global BATCH, LENGTH
-        BATCH, LENGTH = 2, 64
+    if args.markdown:
+        print(markdown([json.loads(path.read_text()) for path in args.markdown]))
+        return
+    global BATCH, LENGTH, COMPILE
+    BATCH, LENGTH = (2, 64) if args.tiny else (BATCH, LENGTH)
+    BATCH, LENGTH, COMPILE = args.batch or BATCH, args.length or LENGTH, args.compile
     if args.side or args.profile_side:
         child(args)
         return
     steps = args.steps or (3 if args.tiny else 12)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model = work / ("llama-tiny" if args.tiny else "llama-828m")
+    size = "tiny" if args.tiny else args.size
+    model = work / f"llama-{size}"
     if not (model / "config.json").is_file():
         from deltacli.models.loading import resolve
 
-        build_model(model, args.tokenizer or resolve("default"), args.tiny)
-    data = work / "train.jsonl"
-    write_text(data, rows=200)  # 200 × ~540 tokens: 26 batches of 8 × 512, more than a run needs
+        build_model(model, args.tokenizer or resolve("default"), size)
+    data = work / f"train-{LENGTH}.jsonl"
+    # Enough ~LENGTH-token records for every step of a run: 26 batches of 8 × 512 at 200.
+    write_text(data, rows=max(200, (args.warmup + steps + 2) * BATCH * 2))
     write_text(data.with_name("eval.jsonl"), rows=2)
-    common = ["--model", str(model), "--data", str(data), *(["--tiny"] if args.tiny else [])]
+    common = ["--model", str(model), "--data", str(data), "--batch", str(BATCH),
+              "--length", str(LENGTH), *(["--tiny"] if args.tiny else []),
+              *(["--compile"] if args.compile else [])]  # fmt: skip
     if args.profile:
         for side in ("deltacli", "reference") if args.profile in SHARED else ("deltacli",):
             done = subprocess.run(
@@ -339,12 +371,97 @@ def main() -> None:
             )  # fmt: skip
             print(done.stdout[-12000:] or done.stderr[-3000:], flush=True)
         return
-    print_table(measure_rows(args, steps, common), args)
+    record = setting(args, model, steps)
+    out = (
+        Path(args.out)
+        if args.out
+        else RESULTS / f"gpu-{record['device_slug']}-{record['time']}.json"
+    )
+    record["rows"] = measure_rows(args, steps, common, record, out)
+    write(out, record)
+    print(markdown([record]))
+    print(f"raw runs: {out}", file=sys.stderr)
 
 
-def measure_rows(args: argparse.Namespace, steps: int, common: list[str]) -> list[dict]:
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def setting(args: argparse.Namespace, model: Path, steps: int) -> dict:
+    """What a raw file records beside its runs: the code, the flags, the machine."""
+    import importlib.metadata
+
+    import torch
+
+    from measure import COMMIT
+
+    gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if gpu else "CPU (--tiny)"
+    config = json.loads((model / "config.json").read_text())
+    return {
+        "commit": COMMIT,
+        "command": " ".join(["python", *sys.argv]),
+        "flags": {
+            "size": "tiny" if args.tiny else args.size,
+            "batch": BATCH,
+            "length": LENGTH,
+            "steps": steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "compile": args.compile,
+        },
+        "time": time.strftime("%Y-%m-%dT%H%MZ", time.gmtime()),
+        "device": device,
+        "device_slug": device.split()[-1].lower() if gpu else "cpu",
+        "clocks": _clocks() if gpu else None,
+        "peak_tflops": PEAK_TFLOPS.get(device.split()[-1].upper()) if gpu else None,
+        "versions": {
+            name: importlib.metadata.version(name)
+            for name in ("torch", "transformers", "peft", "accelerate")
+        },
+        "model": {
+            "parameters": _parameters(config),
+            "layers": config["num_hidden_layers"],
+            "hidden": config["hidden_size"],
+            "vocabulary": config["vocab_size"],
+        },
+    }
+
+
+def _clocks() -> str | None:
+    """The GPU's SM clock now and at most, as nvidia-smi reports them."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,power.limit",
+             "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
+def _parameters(config: dict) -> dict:
+    """Matmul weights of the Llama by role (embeddings are a lookup, not a matmul)."""
+    hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = hidden // heads
+    attention = hidden * hidden * 2 + 2 * hidden * kv * head_dim
+    mlp = 3 * hidden * config["intermediate_size"]
+    return {"layers": layers * (attention + mlp), "head": hidden * vocab}
+
+
+def write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(path)
+
+
+def measure_rows(
+    args: argparse.Namespace, steps: int, common: list[str], record: dict, out: Path
+) -> list[dict]:
     """Every row's runs, a row at a time (so a run cut short still leaves whole rows), the
-    two sides in A-B-B-A order over the repeats; the results so far go to `--out`."""
+    two sides in A-B-B-A order over the repeats; the rows so far are written to `out`."""
     import importlib.util
 
     rows = list(ROWS)
@@ -352,8 +469,8 @@ def measure_rows(args: argparse.Namespace, steps: int, common: list[str]) -> lis
         rows.insert(2, NF4_ROW)
     if args.rows:
         rows = [row for row in rows if row[0] in args.rows.split(";")]
-    done = []
-    timeout = 120 if args.tiny else 150
+    done: list[dict] = []
+    timeout = 600 if args.tiny else 300  # tiny: a loaded CPU, compiling
     for label, method, variant in rows:
         sides = ["deltacli", "reference"] if method in SHARED else ["deltacli"]
         results: dict[str, list] = {"deltacli": [], "reference": []}
@@ -366,64 +483,67 @@ def measure_rows(args: argparse.Namespace, steps: int, common: list[str]) -> lis
                     json.dumps({"row": label, "side": side, "repeat": repeat, **result}), flush=True
                 )
                 results[side].append(result)
-        done.append({"row": label, **results})
-        if args.out:
-            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(done, indent=1))
+        done.append({"row": label, "method": method, "variant": variant, **results})
+        write(out, {**record, "rows": done})
     return done
 
 
-def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    import torch
-    from rich.console import Console
-    from rich.table import Table
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (--tiny)"
-    table = Table(title=f"{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    for column in (
-        "method",
-        "deltacli tokens/s",
-        "reference tokens/s",
-        "ratio",
-        "deltacli peak GiB",
-        "reference peak GiB",
-    ):
-        table.add_column(column, justify="left" if column == "method" else "right")  # fmt: skip
-    summary = []
-    for row in rows:
-        ours, theirs = (_mean(row[side], "tokens_per_second") for side in ("deltacli", "reference"))
-        peaks = [_mean(row[side], "peak_gib") for side in ("deltacli", "reference")]
-        errors = [
-            r["error"] for side in ("deltacli", "reference") for r in row[side] if "error" in r
-        ]
-        ratio = f"{ours / theirs:.2f}×" if ours and theirs else "—"
-        table.add_row(
-            row["row"], _show(ours, "{:,.0f}"), _show(theirs, "{:,.0f}"), ratio,
-            _show(peaks[0], "{:.1f}"), _show(peaks[1], "{:.1f}"),
-        )  # fmt: skip
-        summary.append(
-            {
-                "row": row["row"],
-                "deltacli": ours,
-                "reference": theirs,
-                "peaks": peaks,
-                "errors": errors,
-            }
-        )
-    Console(width=140).print(table)
-    for item in summary:
-        for error in item["errors"]:
-            print(f"{item['row']}: {error}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"device": device, "rows": summary}, indent=1))
+def mfu(record: dict, method: str, tokens_per_second: float) -> float | None:
+    """The share of the GPU's bf16 peak a run's FLOPs reach: 4 FLOPs per weight and token
+    for frozen matmuls (forward, and the backward to their input), 6 for trained ones (and
+    their weight gradient; a delta's own few weights are left out), and causal attention's
+    QKᵀ and AV over the whole packed row (2 × 2 × context/2 × hidden
+    per layer and token, three times over for the backward)."""
+    if not record.get("peak_tflops"):
+        return None
+    weights, model, length = (
+        record["model"]["parameters"],
+        record["model"],
+        record["flags"]["length"],
+    )
+    per_token = (6 if method == "full" else 4) * (weights["layers"] + weights["head"])
+    per_token += 3 * 2 * 2 * (length / 2) * model["hidden"] * model["layers"]
+    return tokens_per_second * per_token / (record["peak_tflops"] * 1e12)
 
 
-def _mean(results: list[dict], key: str) -> float | None:
-    values = [r[key] for r in results if r.get(key) is not None]
-    return sum(values) / len(values) if values else None
+def markdown(records: list[dict]) -> str:
+    """README's GPU table from raw files: median [min–max] of each side's runs."""
+    lines = [
+        "| method | deltacli tokens/s | reference tokens/s | ratio | MFU | deltacli peak | "
+        "reference peak | runs | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        for row in record["rows"]:
+            ours, theirs = (
+                _spread(row[side], "tokens_per_second") for side in ("deltacli", "reference")
+            )
+            share = mfu(record, row["method"], ours[0]) if ours else None
+            peaks = [_spread(row[side], "peak_gib") for side in ("deltacli", "reference")]
+            runs = " + ".join(str(len([r for r in row[s] if "error" not in r]))
+                              for s in ("deltacli", "reference") if row[s])  # fmt: skip
+            lines.append(
+                f"| {row['row']} | {_median_range(ours, '{:,.0f}')} | "
+                f"{_median_range(theirs, '{:,.0f}')} | "
+                f"{f'{ours[0] / theirs[0]:.2f}×' if ours and theirs else '—'} | "
+                f"{f'{100 * share:.0f}%' if share else '—'} | "
+                f"{_median_range(peaks[0], '{:.1f} GiB')} | "
+                f"{_median_range(peaks[1], '{:.1f} GiB')} | "
+                f"{runs} | {record['commit']} |"
+            )
+    return "\n".join(lines)
 
 
-def _show(value: float | None, fmt: str) -> str:
-    return fmt.format(value) if value is not None else "—"
+def _spread(results: list[dict], key: str) -> tuple[float, float, float] | None:
+    values = sorted(r[key] for r in results if r.get(key) is not None)
+    return (statistics.median(values), values[0], values[-1]) if values else None
+
+
+def _median_range(spread: tuple[float, float, float] | None, fmt: str) -> str:
+    if spread is None:
+        return "—"
+    median, low, high = spread
+    return f"{fmt.format(median)} [{fmt.format(low)}–{fmt.format(high)}]"
 
 
 if __name__ == "__main__":
