@@ -13,10 +13,12 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 import deltacli.training.compiling as compiling
 import deltacli.training.fused_loss as fused_loss
+from deltacli.storage.delta_folder import WEIGHTS_FILE
 from deltacli.training.trainer import Trainer
 from helpers import assert_close, randomize_trainable, tiny_recipe
 
@@ -122,3 +124,37 @@ def test_the_models_head_stays_when_off_or_when_logits_change_after_it(
     config = json.loads((capped / "config.json").read_text())
     (capped / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
     assert Trainer(recipe(capped, instructions, {"kind": "lora"}, "padded"), None).head_loss is None
+
+
+def test_a_compiled_classifier_steps_as_the_eager_one(tiny_bert_no_dropout, sentiment, monkeypatch):
+    """The embedded model's family (BERT layers) compiles too; classification has no chunked
+    loss, so only the layers change."""
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+    delta = {"kind": "lora", "r": 4}
+    eager = first_step(
+        tiny_recipe(tiny_bert_no_dropout, sentiment, delta, batch_size=8), monkeypatch
+    )
+    fast = first_step(
+        tiny_recipe(tiny_bert_no_dropout, sentiment, delta, batch_size=8, compile=True),
+        monkeypatch,
+    )
+    assert_same_step(eager, fast)
+
+
+def test_a_compiled_run_saves_the_delta_an_eager_run_saves(
+    cli, tiny_llama, instructions, tmp_path, monkeypatch
+):
+    """Through the command users run: compiling changes no tensor name and no result."""
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+    runs = {}
+    for compiled in ("false", "true"):
+        out = tmp_path / compiled
+        code, _, err = cli("train", "--model", tiny_llama, "--method", "lora", "task=causal-lm",
+                           "--data", instructions["train"], "--eval-data", instructions["eval"],
+                           "train.max_steps=3", "train.batch_size=8", "data.max_length=64",
+                           f"train.compile={compiled}", "-o", out)  # fmt: skip
+        assert code == 0, err
+        runs[compiled] = load_file(out / WEIGHTS_FILE)
+    assert runs["true"].keys() == runs["false"].keys()
+    for name, tensor in runs["false"].items():
+        assert_close(runs["true"][name], tensor, rel=1e-5)
