@@ -147,7 +147,7 @@ class TrainConfig:
     fused_loss: bool = option(
         True,
         "causal-lm: run the output layer and cross-entropy a chunk of tokens at a time on the "
-        "tokens the loss counts, never holding the [tokens x vocabulary] logits (same loss, "
+        "tokens the loss counts, never holding all the logits, tokens × vocabulary (same loss, "
         "less memory); false: the model's own head and one cross-entropy",
     )
     compile: bool = option(
