@@ -11,6 +11,7 @@ sum, so they agree to float32 rounding).
 
     python benchmarks/chunked_loss.py                # 2 runs per side, about 30 minutes
     python benchmarks/chunked_loss.py --repeats 1 --steps 2
+    python benchmarks/chunked_loss.py --markdown benchmarks/results/chunked-loss-DATE.json
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rich.console import Console
-from rich.table import Table
 
 from measure import measured, sampled_csv, write_results
 
@@ -75,7 +75,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="runs per side (A-B-B-A)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/deltacli-chunked-loss"))
+    parser.add_argument("--markdown", type=Path, help="print README's table from this raw file")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())["runs"]))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     for row, data in data_rows(args.work).items():
@@ -87,7 +91,7 @@ def main() -> None:
         "chunked-loss", "peak RSS and speed of LoRA on SmolLM2, the model's head vs chunked",
         results, steps=args.steps, repeats=args.repeats,
     )  # fmt: skip
-    Console().print(table(results))
+    print(markdown(results))
     Console(stderr=True).print(f"raw runs: {path}")
 
 
@@ -96,10 +100,14 @@ def abba(sides: list[str], repeats: int) -> list[str]:
     return [side for r in range(repeats) for side in (sides if r % 2 == 0 else sides[::-1])]
 
 
-def table(results: list[dict]) -> Table:
-    out = Table(title="SmolLM2-135M + LoRA, packed 8 × 512 tokens a step (median, min–max)")
-    for column in ("data", "side", "peak RSS", "tokens/s", "train loss", "runs"):
-        out.add_column(column, justify="right")
+def markdown(results: list[dict]) -> str:
+    """README's table: per row and side, median [min–max] of the runs and the ratio of the
+    medians to the model's own head."""
+    lines = [
+        "| data | loss through | peak RSS | vs the head | tokens/s | vs the head | train loss "
+        "| runs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in dict.fromkeys(r["row"] for r in results):
         base = None
         for side in SIDES:
@@ -107,18 +115,21 @@ def table(results: list[dict]) -> Table:
             peak = statistics.median(r["peak_rss_mb"] for r in runs)
             speed = statistics.median(r["tokens_per_second"] for r in runs)
             base = base or (peak, speed)
-            out.add_row(
-                row, side,
-                f"{peak:,.0f} MB ({peak / base[0]:.2f}×) [{_spread(runs, 'peak_rss_mb')}]",
-                f"{speed:,.0f} ({speed / base[1]:.2f}×) [{_spread(runs, 'tokens_per_second')}]",
-                f"{runs[0]['train_loss']:.5f}", str(len(runs)),
-            )  # fmt: skip
-    return out
+            lines.append(
+                f"| {row} | {side} | {peak:,.0f} MB [{_spread(runs, 'peak_rss_mb')}] | "
+                f"{peak / base[0]:.2f}× | {speed:,.1f} [{_spread(runs, 'tokens_per_second')}] | "
+                f"{speed / base[1]:.2f}× | {runs[0]['train_loss']:.6f} | {len(runs)} |"
+            )
+    return "\n".join(lines)
 
 
 def _spread(runs: list[dict], key: str) -> str:
     values = [r[key] for r in runs]
-    return f"{min(values):,.0f}–{max(values):,.0f}"
+    return (
+        f"{min(values):,.1f}–{max(values):,.1f}"
+        if key == "tokens_per_second"
+        else (f"{min(values):,.0f}–{max(values):,.0f}")
+    )
 
 
 if __name__ == "__main__":
