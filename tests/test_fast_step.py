@@ -157,3 +157,17 @@ def test_a_compiled_run_saves_the_delta_an_eager_run_saves(
     assert runs["true"].keys() == runs["false"].keys()
     for name, tensor in runs["false"].items():
         assert_close(runs["true"][name], tensor, rel=1e-5)
+
+
+def test_a_batch_with_no_counted_token_adds_a_zero_that_reaches_the_head(tiny_llama, instructions):
+    """Answers cut away by max_length leave nothing to count: the loss is 0, as the plain
+    cross-entropy's is, and the backward pass still reaches a trained output layer."""
+    delta = {"kind": "lora", "r": 4, "targets": ["q_proj", "lm_head"]}
+    trainer = Trainer(recipe(tiny_llama, instructions, delta, "padded"), None)
+    batch, _ = trainer.micro_batches(trainer.epoch_permutation(), 0)[0]
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    loss, _ = trainer._summed_loss(batch)
+    loss.backward()
+    assert loss.item() == 0.0
+    head_b = next(p for name, p in trainer.deltas.parameters().items() if "lm_head" in name)
+    assert head_b.grad is not None and not head_b.grad.any()

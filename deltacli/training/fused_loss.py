@@ -45,7 +45,6 @@ class ChunkedHeadLoss:
     """The summed token loss of a causal LM computed a chunk of positions at a time."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
         self.head = model.get_output_embeddings()
         self.owner, self.attribute = _owner(model, self.head)
 
