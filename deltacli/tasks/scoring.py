@@ -97,7 +97,11 @@ def score_tokens(
     sums, counts = [], []
     for batch in batches:
         labels = batch["labels"]
-        logits = model(**batch).logits[:, -labels.shape[1] :]  # a prompt delta prepends positions
+        # A causal LM given labels would compute its own loss too, over a float copy of the
+        # logits; a seq2seq model needs them for its decoder's inputs.
+        inputs = {k: v for k, v in batch.items() if k != "labels"} if shift else batch
+        # A prompt delta prepends positions: the logits align on the labels' end.
+        logits = model(**inputs).logits[:, -labels.shape[1] :]
         if shift:
             logits, labels = logits[:, :-1], labels[:, 1:]
         # Row by row: the vocabulary makes a whole batch's log-probabilities large.
