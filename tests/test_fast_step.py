@@ -171,3 +171,22 @@ def test_a_batch_with_no_counted_token_adds_a_zero_that_reaches_the_head(tiny_ll
     assert loss.item() == 0.0
     head_b = next(p for name, p in trainer.deltas.parameters().items() if "lm_head" in name)
     assert head_b.grad is not None and not head_b.grad.any()
+
+
+def test_over_a_bf16_base_the_chunks_run_under_the_forwards_autocast(
+    tiny_llama, instructions, monkeypatch
+):
+    """A half-precision base runs under accelerate's autocast, which wraps the model's
+    forward only: the output layer, called outside it, must run under the same autocast
+    (the plain head computes its logits in bf16 there). Equal to bf16's rounding."""
+    delta = {"kind": "lora", "r": 4}
+    eager = first_step(
+        recipe(tiny_llama, instructions, delta, "padded", fused_loss=False, base_dtype="bf16"),
+        monkeypatch,
+    )
+    fast = first_step(
+        recipe(tiny_llama, instructions, delta, "padded", base_dtype="bf16"), monkeypatch
+    )
+    assert fast[0] == pytest.approx(eager[0], rel=1e-3)
+    for ours, theirs in zip(fast[1], eager[1], strict=True):
+        assert_close(ours, theirs, rel=1e-2)

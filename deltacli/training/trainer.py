@@ -448,7 +448,10 @@ class Trainer:
         if self.head_loss is not None:
             with self.head_loss.hidden_states():
                 hidden = self.model(**inputs).logits
-            return self.head_loss.loss(hidden, labels), {}
+            # The output layer runs outside the model's forward, so under the autocast that
+            # accelerate wraps the forward in (a half-precision or quantised base's).
+            with self.accelerator.autocast():
+                return self.head_loss.loss(hidden, labels), {}
         return self.task.loss(self.model(**inputs).logits, labels), {}
 
     def _step_metrics(self) -> dict[str, float]:
