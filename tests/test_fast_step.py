@@ -148,11 +148,12 @@ def test_a_compiled_run_saves_the_delta_an_eager_run_saves(
     runs = {}
     for compiled in ("false", "true"):
         out = tmp_path / compiled
-        code, _, err = cli("train", "--model", tiny_llama, "--method", "lora", "task=causal-lm",
+        code, out_text, err = cli("train", "--model", tiny_llama, "--method", "lora", "task=causal-lm",
                            "--data", instructions["train"], "--eval-data", instructions["eval"],
                            "train.max_steps=3", "train.batch_size=8", "data.max_length=64",
                            f"train.compile={compiled}", "-o", out)  # fmt: skip
         assert code == 0, err
+        assert ("train.compile: 2 layers compile" in out_text + err) == (compiled == "true")
         runs[compiled] = load_file(out / WEIGHTS_FILE)
     assert runs["true"].keys() == runs["false"].keys()
     for name, tensor in runs["false"].items():

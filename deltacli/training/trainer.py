@@ -202,7 +202,12 @@ class Trainer:
         chunked = chunked and ChunkedHeadLoss.applies(unwrapped)
         self.head_loss = ChunkedHeadLoss(unwrapped) if chunked else None
         if config.compile:
-            compile_layers(unwrapped)
+            compiled = compile_layers(unwrapped)
+            self.notice(
+                f"train.compile: {compiled} layers compile during the first steps"
+                if compiled
+                else "train.compile: this model lists no repeated layers; it runs uncompiled"
+            )
 
     def notice(self, line: str) -> None:
         if self.console:
