@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rich.console import Console
 
-from measure import measured, sampled_csv, write_results
+from measure import alternating, measured, median_range, sampled_csv, write_results
 
 AGNEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"
 SIDES = {"model's head": "false", "chunked": "true"}
@@ -83,7 +83,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     for row, data in data_rows(args.work).items():
-        for side in abba(list(SIDES), args.repeats):
+        for side in (s for r in range(args.repeats) for s in alternating(list(SIDES), r)):
             result = {"row": row, "side": side, **run(args.work, data, SIDES[side], args.steps)}
             Console(stderr=True).print(result)
             results.append(result)
@@ -95,16 +95,11 @@ def main() -> None:
     Console(stderr=True).print(f"raw runs: {path}")
 
 
-def abba(sides: list[str], repeats: int) -> list[str]:
-    """A, B, then B, A, ...: a drift over time (a warming machine) hits both sides alike."""
-    return [side for r in range(repeats) for side in (sides if r % 2 == 0 else sides[::-1])]
-
-
 def markdown(results: list[dict]) -> str:
     """README's table: per row and side, median [min–max] of the runs and the ratio of the
     medians to the model's own head."""
     lines = [
-        "| data | loss through | peak RSS | vs the head | tokens/s | vs the head | train loss "
+        "| data | loss through | peak RSS (MB) | vs the head | tokens/s | vs the head | train loss "
         "| runs |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -112,24 +107,15 @@ def markdown(results: list[dict]) -> str:
         base = None
         for side in SIDES:
             runs = [r for r in results if r["row"] == row and r["side"] == side]
-            peak = statistics.median(r["peak_rss_mb"] for r in runs)
-            speed = statistics.median(r["tokens_per_second"] for r in runs)
+            peaks, speeds = ([r[key] for r in runs] for key in ("peak_rss_mb", "tokens_per_second"))
+            peak, speed = statistics.median(peaks), statistics.median(speeds)
             base = base or (peak, speed)
             lines.append(
-                f"| {row} | {side} | {peak:,.0f} MB [{_spread(runs, 'peak_rss_mb')}] | "
-                f"{peak / base[0]:.2f}× | {speed:,.1f} [{_spread(runs, 'tokens_per_second')}] | "
-                f"{speed / base[1]:.2f}× | {runs[0]['train_loss']:.6f} | {len(runs)} |"
+                f"| {row} | {side} | {median_range(peaks, '{:,.0f}')} | {peak / base[0]:.2f}× | "
+                f"{median_range(speeds, '{:,.1f}')} | {speed / base[1]:.2f}× | "
+                f"{runs[0]['train_loss']:.6f} | {len(runs)} |"
             )
     return "\n".join(lines)
-
-
-def _spread(runs: list[dict], key: str) -> str:
-    values = [r[key] for r in runs]
-    return (
-        f"{min(values):,.1f}–{max(values):,.1f}"
-        if key == "tokens_per_second"
-        else (f"{min(values):,.0f}–{max(values):,.0f}")
-    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+from measure import COMMIT, RESULTS, alternating, median_range
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # measure.py, when run from elsewhere
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BATCH, LENGTH = 8, 512  # --tiny: 2 × 64; --batch, --length
@@ -63,6 +64,7 @@ DELTAS = {
     "sift 1%": {"kind": "sift", "density": 0.01},
 }  # fmt: skip
 SHARED = ["lora", "ia3", "prefix", "prompt", "layernorm", "full"]
+SIDES = ["deltacli", "reference"]  # the reference: PEFT (plain PyTorch for full) + a loop
 # (label, method, base variant): fp32 weights + bf16 autocast, or the base stored as users
 # load it (bf16), or 4-bit.
 # In the order they run: LoRA and its stored-as-users-load-it rows first, the adapter next
@@ -363,7 +365,7 @@ def main() -> None:
               "--length", str(LENGTH), *(["--tiny"] if args.tiny else []),
               *(["--compile"] if args.compile else [])]  # fmt: skip
     if args.profile:
-        for side in ("deltacli", "reference") if args.profile in SHARED else ("deltacli",):
+        for side in SIDES if args.profile in SHARED else SIDES[:1]:
             done = subprocess.run(
                 [sys.executable, __file__, "--profile-side", side, "--method", args.profile,
                  "--steps", str(steps), *common],
@@ -383,16 +385,11 @@ def main() -> None:
     print(f"raw runs: {out}", file=sys.stderr)
 
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
 def setting(args: argparse.Namespace, model: Path, steps: int) -> dict:
     """What a raw file records beside its runs: the code, the flags, the machine."""
     import importlib.metadata
 
     import torch
-
-    from measure import COMMIT
 
     gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if gpu else "CPU (--tiny)"
@@ -472,10 +469,10 @@ def measure_rows(
     done: list[dict] = []
     timeout = 600 if args.tiny else 300  # tiny: a loaded CPU, compiling
     for label, method, variant in rows:
-        sides = ["deltacli", "reference"] if method in SHARED else ["deltacli"]
-        results: dict[str, list] = {"deltacli": [], "reference": []}
+        sides = SIDES if method in SHARED else SIDES[:1]
+        results: dict[str, list] = {side: [] for side in SIDES}
         for repeat in range(args.repeats):
-            for side in sides if repeat % 2 == 0 else list(reversed(sides)):
+            for side in alternating(sides, repeat):
                 argv = ["--side", side, "--method", method, "--variant", variant,
                         "--steps", str(steps), "--warmup", str(args.warmup), *common]  # fmt: skip
                 result = measure(argv, timeout)
@@ -509,41 +506,32 @@ def mfu(record: dict, method: str, tokens_per_second: float) -> float | None:
 def markdown(records: list[dict]) -> str:
     """README's GPU table from raw files: median [min–max] of each side's runs."""
     lines = [
-        "| method | deltacli tokens/s | reference tokens/s | ratio | MFU | deltacli peak | "
-        "reference peak | runs | commit |",
+        "| method | deltacli tokens/s | reference tokens/s | ratio | MFU | deltacli peak GiB | "
+        "reference peak GiB | runs | commit |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
         for row in record["rows"]:
-            ours, theirs = (
-                _spread(row[side], "tokens_per_second") for side in ("deltacli", "reference")
-            )
-            share = mfu(record, row["method"], ours[0]) if ours else None
-            peaks = [_spread(row[side], "peak_gib") for side in ("deltacli", "reference")]
+            ours, theirs = (_values(row[side], "tokens_per_second") for side in SIDES)
+            share = mfu(record, row["method"], statistics.median(ours)) if ours else None
+            ratio = statistics.median(ours) / statistics.median(theirs) if ours and theirs else None
+            peaks = [_values(row[side], "peak_gib") for side in SIDES]
             runs = " + ".join(str(len([r for r in row[s] if "error" not in r]))
-                              for s in ("deltacli", "reference") if row[s])  # fmt: skip
+                              for s in SIDES if row[s])  # fmt: skip
             lines.append(
-                f"| {row['row']} | {_median_range(ours, '{:,.0f}')} | "
-                f"{_median_range(theirs, '{:,.0f}')} | "
-                f"{f'{ours[0] / theirs[0]:.2f}×' if ours and theirs else '—'} | "
+                f"| {row['row']} | {median_range(ours, '{:,.0f}')} | "
+                f"{median_range(theirs, '{:,.0f}')} | "
+                f"{f'{ratio:.2f}×' if ratio else '—'} | "
                 f"{f'{100 * share:.0f}%' if share else '—'} | "
-                f"{_median_range(peaks[0], '{:.1f} GiB')} | "
-                f"{_median_range(peaks[1], '{:.1f} GiB')} | "
+                f"{median_range(peaks[0], '{:.1f}')} | {median_range(peaks[1], '{:.1f}')} | "
                 f"{runs} | {record['commit']} |"
             )
     return "\n".join(lines)
 
 
-def _spread(results: list[dict], key: str) -> tuple[float, float, float] | None:
-    values = sorted(r[key] for r in results if r.get(key) is not None)
-    return (statistics.median(values), values[0], values[-1]) if values else None
-
-
-def _median_range(spread: tuple[float, float, float] | None, fmt: str) -> str:
-    if spread is None:
-        return "—"
-    median, low, high = spread
-    return f"{fmt.format(median)} [{fmt.format(low)}–{fmt.format(high)}]"
+def _values(results: list[dict], key: str) -> list[float]:
+    """One figure of each run that measured it (failed runs hold an error instead)."""
+    return [r[key] for r in results if r.get(key) is not None]
 
 
 if __name__ == "__main__":

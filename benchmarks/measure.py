@@ -8,6 +8,7 @@ import datetime
 import json
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -122,3 +123,17 @@ def sampled_csv(source: Path, target: Path, rows: int, seed: int = 0) -> Path:
             writer.writeheader()
             writer.writerows(chosen)
     return target
+
+
+def alternating(sides: list[str], repeat: int) -> list[str]:
+    """The sides' order in repeat `repeat`: A, B, then B, A, ... — a drift over time (a
+    warming machine) hits both sides alike."""
+    return sides if repeat % 2 == 0 else sides[::-1]
+
+
+def median_range(values: list[float], fmt: str) -> str:
+    """`median [min–max]` of repeated runs, each figure as `fmt` formats it; "—" for none."""
+    if not values:
+        return "—"
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{fmt.format(mid)} [{fmt.format(low)}–{fmt.format(high)}]"

@@ -90,6 +90,16 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def biased_llama(tmp_path_factory) -> Path:
+    """The tiny Llama with biases in attention and MLP (Llama has none), for BitFit."""
+    return _saved(
+        tmp_path_factory.mktemp("biased-llama"), "llama", "causal-lm", False,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=2, eos_token_id=3,
+        max_position_embeddings=256, attention_bias=True, mlp_bias=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     """A 2-layer T5 with the same word-level tokenizer (ending sequences with </s>)."""
     return _saved(tmp_path_factory.mktemp("tiny-t5"), "t5", "seq2seq", True, eos_token_id=3)

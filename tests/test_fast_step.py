@@ -30,6 +30,7 @@ KINDS = [
     {"kind": "prefix", "length": 4},
     {"kind": "prompt", "length": 4},
     {"kind": "ia3"},
+    {"kind": "bitfit"},  # on a Llama with biases (Llama has none)
     {"kind": "layernorm"},
     {"kind": "sift", "density": 0.05, "select": "magnitude"},
     {"kind": "modules", "targets": ["mlp.down_proj"]},
@@ -72,12 +73,13 @@ def assert_same_step(eager, fast) -> None:
 
 @pytest.mark.parametrize("rows", sorted(ROWS))
 @pytest.mark.parametrize("delta", KINDS, ids=lambda d: "-".join(map(str, d.values())))
-def test_the_fast_step_equals_the_eager_step(tiny_llama, instructions, delta, rows, monkeypatch):
+def test_the_fast_step_equals_the_eager_step(request, instructions, delta, rows, monkeypatch):
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
     monkeypatch.setattr(fused_loss, "CHUNK_ENTRIES", 1)  # a chunk per token
-    eager = first_step(recipe(tiny_llama, instructions, delta, rows, fused_loss=False), monkeypatch)
+    model = request.getfixturevalue("biased_llama" if delta["kind"] == "bitfit" else "tiny_llama")
+    eager = first_step(recipe(model, instructions, delta, rows, fused_loss=False), monkeypatch)
     fast = first_step(
-        recipe(tiny_llama, instructions, delta, rows, fused_loss=True, compile=True), monkeypatch
+        recipe(model, instructions, delta, rows, fused_loss=True, compile=True), monkeypatch
     )
     assert_same_step(eager, fast)
 

@@ -41,18 +41,6 @@ HOLDING = ("bitfit", "layernorm", "modules", "full")  # keep the base's values o
 RATES = {"full": 3e-3, "ia3": 1e-1}  # the rest: 2e-2
 
 
-@pytest.fixture(scope="module")
-def biased_llama(tmp_path_factory):
-    """The tiny Llama with biases in attention and MLP (Llama has none), for BitFit."""
-    from conftest import _saved
-
-    return _saved(
-        tmp_path_factory.mktemp("biased-llama"), "llama", "causal-lm", False,
-        num_attention_heads=4, num_key_value_heads=2, bos_token_id=2, eos_token_id=3,
-        max_position_embeddings=256, attention_bias=True, mlp_bias=True,
-    )  # fmt: skip
-
-
 class Quiet:
     """A metrics log that keeps what it is given."""
 

@@ -30,13 +30,19 @@ def class_units(labels: list | int) -> int:
     return 1
 
 
+def aligned(
+    outputs: torch.Tensor, labels: torch.Tensor, *, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position outputs (logits or hidden states) and the labels they score. A prompt
+    delta prepends positions, so the outputs align on the labels' last ones; `shift`: a
+    causal LM's output at t predicts the label at t + 1."""
+    outputs = outputs[:, -labels.shape[1] :]
+    return (outputs[:, :-1], labels[:, 1:]) if shift else (outputs, labels)
+
+
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> torch.Tensor:
-    """Summed cross-entropy over the label tokens that are not -100; `shift`: a causal LM's
-    logits at t predict the label at t + 1. A prompt delta prepends positions: the logits
-    are aligned on the labels' last positions."""
-    logits = logits[:, -labels.shape[1] :]
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+    """Summed cross-entropy over the label tokens that are not -100 (`aligned`)."""
+    logits, labels = aligned(logits, labels, shift=shift)
     return F.cross_entropy(
         precise(logits).reshape(-1, logits.shape[-1]),
         labels.reshape(-1),

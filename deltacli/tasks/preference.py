@@ -31,6 +31,7 @@ from deltacli.config.sections import DataConfig, TrainConfig
 from deltacli.errors import DeltacliError
 from deltacli.labels import IGNORE
 from deltacli.tasks.generation import PLAIN_CHAT_TEMPLATE, chat_text
+from deltacli.tasks.losses import aligned, precise
 from deltacli.tasks.tables import REFERENCE_COLUMNS, Encoded, TaskData
 
 ANSWERS = ("chosen", "rejected")
@@ -257,13 +258,12 @@ def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> Logps:
     """log p(answer | prompt) of every row: the logits at t score the label at t + 1. A
     prompt delta prepends positions, so the logits are aligned on the labels' last ones.
     Row by row, so that only one row's vocabulary-wide log-softmax exists at a time."""
-    logits = logits[:, -labels.shape[1] :][:, :-1]
-    labels = labels[:, 1:]
+    logits, labels = aligned(logits, labels, shift=True)
     mask = labels != IGNORE
     targets = labels.masked_fill(~mask, 0)
     sums = []
     for row, target, keep in zip(logits, targets, mask, strict=True):
-        row = row.float() if row.dtype in (torch.float16, torch.bfloat16) else row
+        row = precise(row)
         picked = row.gather(-1, target[:, None]).squeeze(-1) - row.logsumexp(-1)
         sums.append((picked * keep).sum())
     return Logps(torch.stack(sums), mask.sum(1))

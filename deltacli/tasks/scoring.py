@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from deltacli.labels import IGNORE
+from deltacli.tasks.losses import aligned
 
 # Label names that mean "the positive class" of a binary task (compared in lower case).
 POSITIVE_NAMES = ("1", "true", "positive", "pos", "yes")
@@ -100,10 +101,7 @@ def score_tokens(
         # A causal LM given labels would compute its own loss too, over a float copy of the
         # logits; a seq2seq model needs them for its decoder's inputs.
         inputs = {k: v for k, v in batch.items() if k != "labels"} if shift else batch
-        # A prompt delta prepends positions: the logits align on the labels' end.
-        logits = model(**inputs).logits[:, -labels.shape[1] :]
-        if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
+        logits, labels = aligned(model(**inputs).logits, labels, shift=shift)
         # Row by row: the vocabulary makes a whole batch's log-probabilities large.
         losses = torch.stack(
             [

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deltacli.labels import IGNORE
-from deltacli.tasks.losses import precise
+from deltacli.tasks.losses import aligned, precise
 
 # Logit entries per chunk (64 MB in float32): SmolLM2's 49,152-token vocabulary gives 341
 # positions a chunk, a 128k vocabulary 131.
@@ -44,20 +44,20 @@ class PassThrough(nn.Module):
 class ChunkedHeadLoss:
     """The summed token loss of a causal LM computed a chunk of positions at a time."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.head = model.get_output_embeddings()
-        self.owner, self.attribute = _owner(model, self.head)
+    def __init__(self, head: nn.Linear, owner: nn.Module, attribute: str) -> None:
+        self.head, self.owner, self.attribute = head, owner, attribute
 
-    @staticmethod
-    def applies(model: nn.Module) -> bool:
-        """True where the logits are exactly the output layer's: a plain causal-LM head."""
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        config = getattr(model, "config", None)
-        return (
-            isinstance(head, nn.Linear)
-            and _owner(model, head)[0] is not None
-            and not any(getattr(config, key, None) for key in _AFTER_HEAD)
-        )
+    @classmethod
+    def of(cls, model: nn.Module) -> ChunkedHeadLoss | None:
+        """The chunked loss of `model`, or None where its logits are not exactly its output
+        layer's (no plain linear head held by a module, or a transform after it)."""
+        head = model.get_output_embeddings()
+        owner, attribute = _owner(model, head)
+        if not isinstance(head, nn.Linear) or owner is None:
+            return None
+        if any(getattr(model.config, key, None) for key in _AFTER_HEAD):
+            return None
+        return cls(head, owner, attribute)
 
     @contextlib.contextmanager
     def hidden_states(self) -> Iterator[None]:
@@ -71,9 +71,8 @@ class ChunkedHeadLoss:
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """`hidden`: the model's output under `hidden_states()`. The loss summed over the
         label tokens that are not -100, the label at t + 1 predicted at t."""
-        # A prompt delta prepends positions: the hidden states align on the labels' end.
-        hidden = hidden[:, -labels.shape[1] :][:, :-1].reshape(-1, hidden.shape[-1])
-        targets = labels[:, 1:].reshape(-1)
+        hidden, targets = aligned(hidden, labels, shift=True)
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         counted = (targets != IGNORE).nonzero().squeeze(1)
         if len(counted) == 0:
             # Nothing counts (a stand-in micro-batch): a zero that still reaches every

@@ -199,8 +199,7 @@ class Trainer:
         layers where the recipe asks (both after the deltas attached and calibrated)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         chunked = config.fused_loss and self.task is CAUSAL_LM and not self.sharded
-        chunked = chunked and ChunkedHeadLoss.applies(unwrapped)
-        self.head_loss = ChunkedHeadLoss(unwrapped) if chunked else None
+        self.head_loss = ChunkedHeadLoss.of(unwrapped) if chunked else None
         if config.compile:
             compiled = compile_layers(unwrapped)
             self.notice(
