@@ -10,6 +10,7 @@ Everything lands in --out; finished steps are reused when run again.
 
     python benchmarks/subspace.py --out /tmp/subspace
     python benchmarks/subspace.py --out /tmp/subspace --dim 8 --steps 1000 --agnews-rows 4000
+    python benchmarks/subspace.py --markdown benchmarks/results/subspace-DATE.json
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import statistics
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from deltacli.commands.evaluate import score_delta
 from deltacli.commands.subspace import decode, fit, landscape
@@ -52,7 +52,14 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="64 rows, 1 epoch, 20 fit steps: checks the script"
     )
+    parser.add_argument(
+        "--trained-at", help="the commit the runs were trained at, when they are older"
+    )
+    parser.add_argument("--markdown", type=Path, help="print README's tables from this raw file")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())["runs"][0]))
+        return
     seeds = [int(seed) for seed in args.seeds.split(",")]
     head_lrs = args.head_lrs.split(",")
     if args.quick:
@@ -109,11 +116,6 @@ def main() -> None:
         "SST-2": json.loads((space / "subspace.json").read_text()),
         "AG News": json.loads((agnews_space / "subspace.json").read_text()),
     }
-    report = Console()
-    for task, fitted in fits.items():
-        report.print(fit_table(fitted, task))
-    report.print(z_table(full, z, floors, args.dim))
-    report.print(transfer_table(transfers))
     results = {
         "fit": {task: fitted["scores"] for task, fitted in fits.items()},
         "z": {
@@ -130,10 +132,12 @@ def main() -> None:
         "landscape_agnews": json.loads((figure / "landscape.json").read_text()),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(markdown(results))
     if not args.quick:
         flags = {"dim": args.dim, "steps": args.steps, "seeds": seeds, "head_lrs": head_lrs,
                  "agnews_rows": args.agnews_rows, "agnews_eval_rows": args.agnews_eval_rows,
-                 "grid": args.grid, "landscape_rows": args.landscape_rows}  # fmt: skip
+                 "grid": args.grid, "landscape_rows": args.landscape_rows,
+                 "trained_at": args.trained_at}  # fmt: skip
         path = write_results("subspace", "the unified subspace on SST-2 and AG News", [results],
                              flags=flags)  # fmt: skip
         console.print(f"raw results: {path}")
@@ -191,67 +195,69 @@ def accuracy(folder: Path) -> float:
     return json.loads((folder / METRICS_FILE).read_text())["eval"]["accuracy"]
 
 
-def trainable(folder: Path) -> int:
-    return json.loads((folder / METRICS_FILE).read_text())["params"]["trainable"]
-
-
-def fit_table(fitted: dict, task: str) -> Table:
-    table = Table(title=f"the subspace (d = {fitted['dim']}) fitted to the {task} solutions")
-    for column in ("method", "parameters", "own accuracy", "at its point", "‖θ−Dec(Enc θ)‖/‖θ‖"):
-        table.add_column(column, justify="right")
-    for name, scores in fitted["scores"].items():
-        table.add_row(
-            name,
-            f"{scores['parameters']:,}",
-            f"{100 * scores['own']['accuracy']:.1f}%",
-            f"{100 * scores['point']['accuracy']:.1f}%",
-            f"{scores['reconstruction_error']:.3f}",
-        )
-    return table
-
-
-def z_table(full: dict, z: dict, floors: dict, dim: int) -> Table:
-    seeds = len(next(iter(z["SST-2"].values())))
-    table = Table(
-        title=f"training only z ({dim} numbers of the SST-2 subspace) + the head, {seeds} seeds"
+def markdown(results: dict) -> str:
+    """README's tables from a results record: each fit, z against the full space and the
+    head-only floor (mean ± std over seeds), and the decoded-transfer matrices."""
+    lines = []
+    for task, scores in results["fit"].items():
+        lines += [
+            f"\n**The subspace fitted to the {task} solutions**\n",
+            "| method | parameters | own accuracy | at its point | ‖θ − Dec(Enc θ)‖ / ‖θ‖ |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {row['parameters']:,} | {pct(row['own']['accuracy'])} | "
+            f"{pct(row['point']['accuracy'])} | {row['reconstruction_error']:.3f} |"
+            for name, row in scores.items()
+        ]
+    lines += [
+        "\n**Training only z (of the SST-2 subspace) + the head**\n",
+        "| task | through | z, mean ± std (each seed) | full space | z / full | head only, "
+        "best lr |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, methods in results["z"].items():
+        floor = results["head_only"][task]
+        lr = max(floor, key=floor.get)
+        for method, row in methods.items():
+            scores = row["z"]
+            spread = f" ± {pct(statistics.stdev(scores), '')}" if len(scores) > 1 else ""
+            each = ", ".join(pct(x, "") for x in scores)
+            lines.append(
+                f"| {task} | {method} | {pct(statistics.mean(scores))}{spread} ({each}) | "
+                f"{pct(row['full'])} | {pct(statistics.mean(scores) / row['full'])} | "
+                + (f"{pct(floor[lr])} (lr {lr}) |" if method == next(iter(methods)) else " |")
+            )
+    for task in results["z"]:
+        rows = [r for r in results["transfers"] if r["task"] == task]
+        lines += [
+            f"\n**{task}: z (first seed) decoded as another method, no retraining** "
+            "(accuracy, and its share of that method's own)\n",
+            "| z trained through | " + " | ".join(f"as {m}" for m in METHODS) + " |",
+            "|---|" + "---|" * len(METHODS),
+        ]
+        for source in METHODS:
+            cells = [transfer_cell(rows, source, target) for target in METHODS]
+            lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    shares = [r["accuracy"] / r["full"] for r in results["transfers"]]
+    lines.append(
+        f"\nMean share over the {len(shares)} transfers: {pct(statistics.mean(shares))} "
+        f"(Yi et al.: 82.6%)."
     )
-    for column in ("task", "through", "z trains", "z accuracy (mean ± std)", "full space",
-                   "z / full", "head only, best lr"):  # fmt: skip
-        table.add_column(column, justify="right")
-    for task in full:
-        lr, best = max(((lr, accuracy(f)) for lr, f in floors[task].items()), key=lambda x: x[1])
-        for method in METHODS:
-            scores = [accuracy(f) for f in z[task][method]]
-            own = accuracy(full[task][method])
-            table.add_row(
-                task,
-                method,
-                f"{trainable(z[task][method][0]):,}",
-                f"{100 * statistics.mean(scores):.1f} ± {100 * statistics.stdev(scores):.1f}%"
-                if len(scores) > 1 else f"{100 * scores[0]:.1f}%",
-                f"{100 * own:.1f}% ({trainable(full[task][method]):,})",
-                f"{100 * statistics.mean(scores) / own:.1f}%",
-                f"{100 * best:.1f}% (lr {lr})" if method == METHODS[0] else "",
-            )  # fmt: skip
-    return table
+    return "\n".join(lines)
 
 
-def transfer_table(transfers: list[dict]) -> Table:
-    table = Table(title="z decoded through another method's decoder (no retraining)")
-    for column in ("task", "z trained through", "decoded as", "accuracy", "/ that method's own"):
-        table.add_column(column, justify="right")
-    for row in transfers:
-        table.add_row(
-            row["task"],
-            row["from"],
-            row["to"],
-            f"{100 * row['accuracy']:.1f}%",
-            f"{100 * row['accuracy'] / row['full']:.1f}%",
-        )
-    mean = sum(row["accuracy"] / row["full"] for row in transfers) / len(transfers)
-    table.add_section()
-    table.add_row("mean", "", "", "", f"{100 * mean:.1f}%")
-    return table
+def transfer_cell(rows: list[dict], source: str, target: str) -> str:
+    """`accuracy (share of the target's own)` of z trained through `source` decoded as
+    `target`; "—" on the diagonal (z is trained there)."""
+    for row in rows:
+        if row["from"] == source and row["to"] == target:
+            return f"{pct(row['accuracy'])} ({pct(row['accuracy'] / row['full'])})"
+    return "—"
+
+
+def pct(value: float, sign: str = "%") -> str:
+    return f"{100 * value:.1f}{sign}"
 
 
 if __name__ == "__main__":

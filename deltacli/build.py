@@ -54,6 +54,7 @@ def prepare_model(
             recipe.base_dtype,
             recipe.quantize,
             device,
+            attention=recipe.attention,
             stored=stored,
             config=config,
         )

@@ -42,6 +42,14 @@ class Recipe:
     quantize: Literal["nf4", "int8"] | None = option(
         None, "load the base's linear layers in 4 bits (NF4, QLoRA) or 8 bits (bitsandbytes)"
     )
+    attention: Literal[
+        "auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = option(
+        "auto",
+        "the attention kernel; auto: transformers' choice (sdpa where the model has it). "
+        "flash_attention_2/3 (a CUDA GPU and the flash-attn package) run packed rows as "
+        "variable-length sequences without a mask",
+    )
     data: DataConfig = option(DataConfig(), "where the examples come from")
     deltas: list[DeltaConfig] = option([], "the deltas to attach, in order; they compose")
     train: TrainConfig = option(TrainConfig(), "optimisation")

@@ -181,10 +181,14 @@ def test_two_processes_train_what_one_process_trains(cases, tmp_path):
                 assert_close(two[name], tensor, rel=1e-10)
 
 
-def test_a_packed_step_has_the_gradient_of_its_examples_apart(cases, monkeypatch):
+@pytest.mark.parametrize("attention", ["auto", "eager"])
+def test_a_packed_step_has_the_gradient_of_its_examples_apart(cases, monkeypatch, attention):
     """One row holding every example (max_length = their total) against the same examples
-    one per row: through the real collator and trainer, the first step's gradients agree."""
+    one per row: through the real collator and trainer, the first step's gradients agree —
+    with transformers' own kernel (sdpa) and with `attention: eager`, each building the
+    block-diagonal mask from the positions."""
     unpacked = split(cases["causal-lm"], ROWS, 1)
+    unpacked["attention"] = attention
     unpacked["data"] |= {"max_length": 256, "max_train_rows": 9}
     plain = Trainer(parse_recipe(unpacked), console=None)
     total = sum(len(ids) for ids in plain.data.train["input_ids"])
@@ -193,6 +197,8 @@ def test_a_packed_step_has_the_gradient_of_its_examples_apart(cases, monkeypatch
     packed["data"] |= {"packing": True, "max_length": total}
     row = Trainer(parse_recipe(packed), console=None)
     assert len(row.data.train) == 1 and "attention_mask" not in row.data.train.column_names
+    kernel = row.accelerator.unwrap_model(row.model).config._attn_implementation
+    assert kernel == ("sdpa" if attention == "auto" else attention)
 
     def first_gradients(trainer: Trainer) -> list[torch.Tensor]:
         grads = []

@@ -69,3 +69,24 @@ def test_packing_and_gradient_checkpointing_train(tiny_llama, instructions):
     recipe.data.packing = True
     trainer = loss_goes_down(recipe)
     assert "position_ids" in trainer.data.train.column_names
+
+
+@pytest.mark.parametrize(
+    ("attention", "kind", "message"),
+    [
+        ("flash_attention_2", "lora", "attention: flash_attention_2 cannot run"),
+        ("flex_attention", "prefix", "prefix tuning prepends keys through sdpa"),
+    ],
+)
+def test_an_attention_kernel_that_cannot_run_is_refused_in_one_line(
+    cli, tiny_llama, instructions, tmp_path, attention, kind, message
+):
+    """FlashAttention needs a CUDA GPU and its package; prefix tuning needs sdpa's masks."""
+    code, _, err = cli(
+        "train", "--method", "lora_instruct", "--model", tiny_llama, "-o", tmp_path / "out",
+        f"data.train={instructions['train']}", f"data.eval={instructions['eval']}",
+        "data.format=auto", f"deltas=[{{kind: {kind}}}]", f"attention={attention}",
+        "train.max_steps=1",
+    )  # fmt: skip
+    assert code == 2 and message in " ".join(err.split()), err
+    assert "Traceback" not in err

@@ -250,3 +250,18 @@ def test_lora_plus_trains_b_at_its_ratio_of_a_s_rate_and_saves_a_plain_lora(
     result = train(recipe, tmp_path / "delta")
     config = json.loads((tmp_path / "delta" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and result.metrics["eval"]["loss"] > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fused_adamw_trains_the_delta_the_multi_tensor_adamw_trains(tiny_bert, sentiment, method):
+    """`train.fused_adamw` (the default) changes how the update runs, not what it is."""
+    trained = {}
+    for fused in (True, False):
+        recipe = tiny_recipe(tiny_bert, sentiment, METHODS[method], fused_adamw=fused, lr=1e-3)
+        trainer = Trainer(recipe, console=None)
+        assert bool(trainer.optimizer.optimizer.defaults["fused"]) is fused
+        trainer.fit(MetricsLog(None))
+        trained[fused] = {n: t.detach().clone() for n, t in trainer.deltas.parameters().items()}
+    assert trained[True].keys() == trained[False].keys()
+    for name, tensor in trained[True].items():
+        torch.testing.assert_close(tensor, trained[False][name], rtol=1e-5, atol=1e-6, msg=name)

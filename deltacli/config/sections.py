@@ -150,6 +150,11 @@ class TrainConfig:
         "tokens the loss counts, never holding all the logits, tokens × vocabulary (same loss, "
         "less memory); false: the model's own head and one cross-entropy",
     )
+    fused_adamw: bool = option(
+        True,
+        "update the deltas with torch's fused AdamW (one kernel per group) where the device has "
+        "it; false: the multi-tensor AdamW",
+    )
     compile: bool = option(
         False,
         "torch.compile each transformer layer with its deltas inside (compiled once, shared "

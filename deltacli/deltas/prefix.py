@@ -129,6 +129,11 @@ class Prefix(PromptLearning):
         self.add_module(model, "prefix_encoder", encoder.to(**like))
         self.encoder = encoder
         previous = config._attn_implementation
+        if previous not in (None, "sdpa", "eager"):
+            raise DeltacliError(
+                f"prefix tuning prepends keys through sdpa, so attention: {previous} cannot run "
+                "it; leave attention at auto"
+            )
         model.set_attn_implementation(ATTENTION)
         self.on_detach(partial(model.set_attn_implementation, previous))
         for layer, name in enumerate(attention):

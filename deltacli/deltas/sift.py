@@ -92,7 +92,6 @@ class _Site:
     module: nn.Module
     count: int
     ready: bool = False
-    synced: int = -1  # the version of the increment last written (-1: write at the next pass)
 
 
 @register
@@ -151,23 +150,19 @@ class Sift(Delta):
         if not on:
             for site in self.sites.values():
                 _restore(site)
-                site.synced = -1
         self.enabled = on
 
     def _sync(self, name: str, module: nn.Module, args: tuple) -> None:
-        """Write base + increment into W at the chosen indices when the increment changed."""
-        site = self.sites[name]
-        values = module.sift_values
-        # An increment computed anew each pass (a subspace's parametrization, or one that
-        # `torch.func.functional_call` substitutes) is always written.
-        standing = isinstance(values, nn.Parameter)
-        if not site.ready or (standing and values._version == site.synced):
+        """Write base + increment into W at the chosen indices, at every pass: k entries,
+        cheap beside the layer's matmul, and no cache to go stale (a fused optimizer step
+        changes the increment without bumping its version counter)."""
+        if not self.sites[name].ready:
             return
+        values = module.sift_values
         with torch.no_grad():
             flat = module.weight.view(-1)
             base = module.sift_base.to(values.dtype)
             flat[module.sift_indices] = (base + values).to(flat.dtype)
-        site.synced = values._version if standing else -1
 
     def _tap(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor):
         if not (self.sites[name].ready and torch.is_grad_enabled()):
@@ -210,7 +205,7 @@ class Sift(Delta):
                     module.sift_base.copy_(module.weight.detach().view(-1)[module.sift_indices])
                 if f"{name}.sift_values" in values:
                     module.sift_values.copy_(values[f"{name}.sift_values"])
-                site.ready, site.synced = True, -1
+                site.ready = True
 
     def saved_names(self) -> list[str]:
         return [key for name in self.targets for key in increment(name, None, None)]

@@ -104,11 +104,17 @@ def _from_hub(loader, spec: str, **kwargs):
     try:
         return loader(str(resolved), **kwargs)
     except Exception as error:
+        reason = first_line(error)
+        attention = kwargs.get("attn_implementation")
+        if attention and (isinstance(error, ImportError) or "attn_implementation" in reason):
+            raise DeltacliError(
+                f"attention: {attention} cannot run {spec} here ({reason}); leave attention at "
+                "auto, or use sdpa or eager"
+            ) from None
         if "gguf_file" in kwargs and isinstance(error, ImportError):
             raise DeltacliError(
                 f"reading {spec} needs the gguf package: pip install 'deltacli[instruct]'"
             ) from None
-        reason = first_line(error)
         if "gguf_file" in kwargs:  # the GGUF reader fails in many ways on a damaged file
             raise DeltacliError(
                 f"cannot read GGUF file {spec} ({reason}): is it cut short or damaged?"
@@ -187,12 +193,14 @@ def load_model(
     dtype: str = "fp32",
     quantize: str | None = None,
     device: torch.device | None = None,
+    attention: str = "auto",
     stored: torch.dtype | None = None,
     config: transformers.PretrainedConfig | None = None,
 ) -> transformers.PreTrainedModel:
     """The model with its pretrained weights (the head, if new, is initialised), stored in
     the `dtype` the recipe asks for (`auto`: see `precision.base_dtype`) on the CPU, or,
-    with `quantize`, its linear layers in 4 or 8 bits on `device` (bitsandbytes). A caller
+    with `quantize`, its linear layers in 4 or 8 bits on `device` (bitsandbytes), its
+    attention run by the `attention` kernel (`auto`: transformers' choice). A caller
     that already decided the dtype (`stored`) and read the config (`config`, labelled)
     passes them, so neither is done twice."""
     _refuse_bare_config(spec)
@@ -204,6 +212,8 @@ def load_model(
     options = {"dtype": stored or base_dtype(dtype, checkpoint_dtype(config), gpu)}
     if quantize:
         options |= quantization(quantize, device)
+    if attention != "auto":
+        options["attn_implementation"] = attention
     model_class = task_entry(task).model_class
     if labels is not None:
         # A checkpoint fine-tuned for other labels has a head of another size: it is

@@ -39,7 +39,7 @@ from deltacli.training.logs import MetricsLog, progress_bars, trackers
 from deltacli.training.preference import PreferenceStep
 from deltacli.training.runtime import peak_memory, reset_peak_memory, versions
 from deltacli.training.session import open_session
-from deltacli.training.steps import StepPlan, linear_schedule
+from deltacli.training.steps import StepPlan, adamw, linear_schedule
 
 
 class Checkpoints(Protocol):
@@ -121,7 +121,7 @@ class Trainer:
         config = self.recipe.train
         groups = self._parameter_groups()
         self.param_names = [name for group in groups for name in group.pop("names")]
-        optimizer = torch.optim.AdamW(groups, lr=config.lr)
+        optimizer = adamw(groups, config.lr, config.fused_adamw)
         # Draws each epoch's order (the same on every process); a checkpoint keeps its state.
         self.order = torch.Generator().manual_seed(config.seed)
         self.plan = StepPlan(
