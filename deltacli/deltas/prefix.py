@@ -129,7 +129,7 @@ class Prefix(PromptLearning):
         self.add_module(model, "prefix_encoder", encoder.to(**like))
         self.encoder = encoder
         previous = config._attn_implementation
-        if previous not in (None, "sdpa", "eager"):
+        if previous not in (None, "sdpa", "eager", ATTENTION):
             raise DeltacliError(
                 f"prefix tuning prepends keys through sdpa, so attention: {previous} cannot run "
                 "it; leave attention at auto"
