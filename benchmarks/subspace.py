@@ -160,7 +160,14 @@ def fitted_space(folder: Path, deltas: list[Path], args: argparse.Namespace, con
 
 
 def through(space: Path, method: str) -> list[str]:
-    return [f"deltas.0.subspace={space}", f"deltas.0.through={method}"]
+    return [f"deltas.0.subspace={space}", f"deltas.0.through={fitted_name(space, method)}"]
+
+
+def fitted_name(space: Path, method: str) -> str:
+    """The name the space gave `method`'s delta (its recipe's name: `lora`, or the quality
+    sweep's `lora--seed=42`); the space is fitted on METHODS' deltas in that order."""
+    methods = json.loads((space / "subspace.json").read_text())["methods"]
+    return methods[METHODS.index(method)]["name"]
 
 
 def run(folder: Path, method: str, *overrides: str) -> Path:
@@ -187,7 +194,7 @@ def decoded(space: Path, to: str, z_delta: Path, data: str, folder: Path) -> flo
     """The z of `z_delta` written as a `to` delta and scored on `data` (no retraining)."""
     output = folder / to
     if not (output / METRICS_FILE).is_file():
-        decode(space, to, output, z_delta=z_delta, overwrite=True)
+        decode(space, fitted_name(space, to), output, z_delta=z_delta, overwrite=True)
     return score_delta(output, data)["accuracy"]
 
 

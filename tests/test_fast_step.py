@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
+import deltacli.tasks.fused_loss as fused_loss
 import deltacli.training.compiling as compiling
-import deltacli.training.fused_loss as fused_loss
 from deltacli.storage.delta_folder import WEIGHTS_FILE
+from deltacli.tasks.evaluation import evaluate
 from deltacli.training.trainer import Trainer
 from helpers import assert_close, randomize_trainable, tiny_recipe
 
@@ -193,3 +194,47 @@ def test_over_a_bf16_base_the_chunks_run_under_the_forwards_autocast(
     assert fast[0] == pytest.approx(eager[0], rel=1e-3)
     for ours, theirs in zip(fast[1], eager[1], strict=True):
         assert_close(ours, theirs, rel=1e-2)
+
+
+EVAL_CASES = {
+    "padded": ({"kind": "lora", "r": 4, "targets": ["q_proj", "lm_head"]}, "padded"),
+    "packed": ({"kind": "lora", "r": 4}, "packed"),
+    "prompt": ({"kind": "prompt", "length": 4}, "padded"),  # positions prepended
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVAL_CASES))
+def test_evaluation_scores_with_the_chunked_head_what_the_whole_logits_score(
+    tiny_llama, instructions, monkeypatch, case
+):
+    """Evaluation runs the output layer a chunk of counted positions at a time too (a
+    64-row eval batch's logits would otherwise be the run's peak): the same loss and token
+    count as from the whole logits, the head never seeing more than a chunk."""
+    delta, rows = EVAL_CASES[case]
+    monkeypatch.setattr(fused_loss, "CHUNK_ENTRIES", 3 * 41)  # 41: the tiny vocabulary
+    trainer = Trainer(recipe(tiny_llama, instructions, delta, rows), None)
+    randomize_trainable(trainer.model, seed=3, std=0.05)
+    head = trainer.head_loss.head
+    seen: list[int] = []
+    hook = head.register_forward_hook(lambda m, i, out: seen.append(out.shape[0]))
+    chunked = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator, trainer.task,
+                       train=trainer.recipe.train)  # fmt: skip
+    hook.remove()
+    trainer.recipe.train.fused_loss = False  # train.fused_loss=false: the whole logits
+    whole = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator, trainer.task,
+                     train=trainer.recipe.train)  # fmt: skip
+    assert chunked["tokens"] == whole["tokens"] == sum(seen) > 0
+    assert max(seen) == 3
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+
+
+def test_evaluation_over_a_bf16_base_chunks_under_the_forwards_autocast(tiny_llama, instructions):
+    trainer = Trainer(recipe(tiny_llama, instructions, {"kind": "lora"}, "padded",
+                             base_dtype="bf16"), None)  # fmt: skip
+    train = trainer.recipe.train
+    chunked = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator, trainer.task,
+                       train=train)  # fmt: skip
+    train.fused_loss = False
+    whole = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator, trainer.task,
+                     train=train)  # fmt: skip
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-2)

@@ -37,7 +37,12 @@ def aligned(
     delta prepends positions, so the outputs align on the labels' last ones; `shift`: a
     causal LM's output at t predicts the label at t + 1."""
     outputs = outputs[:, -labels.shape[1] :]
-    return (outputs[:, :-1], labels[:, 1:]) if shift else (outputs, labels)
+    return (outputs[:, :-1] if shift else outputs), scored_labels(labels, shift=shift)
+
+
+def scored_labels(labels: torch.Tensor, *, shift: bool) -> torch.Tensor:
+    """The labels that outputs score: a causal LM's first label has no position before it."""
+    return labels[:, 1:] if shift else labels
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> torch.Tensor:

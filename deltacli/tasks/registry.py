@@ -106,6 +106,7 @@ CAUSAL_LM = Task(
     for_scoring=partial(tokens_for_scoring, encode=encode_causal),
     collate=pad_tokens,
     score=partial(score_tokens, shift=True),
+    score_options=lambda train: {"chunked": train.fused_loss},
     loss=partial(token_loss, shift=True),
     units=partial(token_units, shift=True),
     labels_in_forward=False,

@@ -9,10 +9,12 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 
 from deltacli.labels import IGNORE
-from deltacli.tasks.losses import aligned
+from deltacli.tasks.fused_loss import ChunkedHeadLoss
+from deltacli.tasks.losses import aligned, scored_labels
 
 # Label names that mean "the positive class" of a binary task (compared in lower case).
 POSITIVE_NAMES = ("1", "true", "positive", "pos", "yes")
@@ -85,6 +87,26 @@ def score_classes(
     return {"loss": float(torch.cat(losses).mean()), **metrics, "examples": len(torch.cat(truth))}
 
 
+def _chunked_head(model: nn.Module, accelerator: Accelerator) -> ChunkedHeadLoss | None:
+    """A causal LM's loss a chunk of positions at a time where its logits are its plain
+    output layer's (FSDP's wrapped head stays whole)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return None
+    return ChunkedHeadLoss.of(accelerator.unwrap_model(model))
+
+
+def _row_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Each row's summed loss from the whole logits, row by row: the vocabulary makes a
+    whole batch's log-probabilities large."""
+    logits, labels = aligned(logits, labels, shift=shift)
+    return torch.stack(
+        [
+            F.cross_entropy(row.float(), target, ignore_index=IGNORE, reduction="sum")
+            for row, target in zip(logits, labels, strict=True)
+        ]
+    )
+
+
 def score_tokens(
     model: nn.Module,
     batches: Iterable[dict],
@@ -92,25 +114,27 @@ def score_tokens(
     labels: list | None = None,
     *,
     shift: bool,
+    chunked: bool = False,
 ) -> dict:
     """Token-level mean loss and perplexity over the label tokens; `shift`: a causal LM's
-    logits at position t predict the label at t + 1."""
+    logits at position t predict the label at t + 1; `chunked` (`train.fused_loss`): its
+    output layer runs a chunk of counted positions at a time where it can."""
     sums, counts = [], []
+    head = _chunked_head(model, accelerator) if shift and chunked else None
     for batch in batches:
         labels = batch["labels"]
         # A causal LM given labels would compute its own loss too, over a float copy of the
         # logits; a seq2seq model needs them for its decoder's inputs.
         inputs = {k: v for k, v in batch.items() if k != "labels"} if shift else batch
-        logits, labels = aligned(model(**inputs).logits, labels, shift=shift)
-        # Row by row: the vocabulary makes a whole batch's log-probabilities large.
-        losses = torch.stack(
-            [
-                F.cross_entropy(row.float(), target, ignore_index=IGNORE, reduction="sum")
-                for row, target in zip(logits, labels, strict=True)
-            ]
-        )
-        gathered = accelerator.gather_for_metrics((losses, (labels != IGNORE).sum(1)))
-        del logits
+        if head is not None:
+            with head.hidden_states():
+                hidden = model(**inputs).logits
+            with accelerator.autocast():  # the forward's own (a bf16 base), which ended above
+                losses = head.row_losses(hidden, labels)
+        else:
+            losses = _row_losses(model(**inputs).logits, labels, shift)
+        counted = (scored_labels(labels, shift=shift) != IGNORE).sum(1)
+        gathered = accelerator.gather_for_metrics((losses, counted))
         sums.append(gathered[0].cpu())
         counts.append(gathered[1].cpu())
     tokens = int(torch.cat(counts).sum())

@@ -27,13 +27,13 @@ from deltacli.deltas.base import sharded_like, whole
 from deltacli.errors import DeltacliError
 from deltacli.recipe import Recipe
 from deltacli.tasks.evaluation import evaluate, generate
+from deltacli.tasks.fused_loss import ChunkedHeadLoss
 from deltacli.tasks.metrics import oriented
 from deltacli.tasks.registry import CAUSAL_LM
 from deltacli.tasks.scoring import reported_metrics
 from deltacli.tasks.tables import TaskData, data_fingerprint
 from deltacli.training.checkpoints import read_checkpoint, restore_random_state
 from deltacli.training.compiling import compile_layers
-from deltacli.training.fused_loss import ChunkedHeadLoss
 from deltacli.training.interrupts import Interrupted, StopRequest, stop_requests
 from deltacli.training.logs import MetricsLog, progress_bars, trackers
 from deltacli.training.preference import PreferenceStep

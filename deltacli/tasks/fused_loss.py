@@ -1,4 +1,4 @@
-"""A causal LM's training loss without its `[tokens × vocabulary]` logits.
+"""A causal LM's loss without its `[tokens × vocabulary]` logits, in training and evaluation.
 
 The model's own head turns every position into a vocabulary-wide row of logits — 4,096
 positions × SmolLM2's 49,152 tokens is 805 MB in float32, and its log-softmax and gradient
@@ -68,27 +68,52 @@ class ChunkedHeadLoss:
         finally:
             setattr(self.owner, self.attribute, self.head)
 
+    @property
+    def rows(self) -> int:
+        """Positions per chunk."""
+        return max(1, CHUNK_ENTRIES // self.head.out_features)
+
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """`hidden`: the model's output under `hidden_states()`. The loss summed over the
         label tokens that are not -100, the label at t + 1 predicted at t."""
-        hidden, targets = aligned(hidden, labels, shift=True)
-        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-        counted = (targets != IGNORE).nonzero().squeeze(1)
+        hidden, targets, counted, _ = _counted(hidden, labels)
         if len(counted) == 0:
             # Nothing counts (a stand-in micro-batch): a zero that still reaches every
             # weight the plain loss reaches, so the backward pass runs the same hooks.
             return self._chunk_loss(hidden[:1], targets.new_zeros(1)) * 0.0
         hidden, targets = hidden.index_select(0, counted), targets.index_select(0, counted)
-        rows = max(1, CHUNK_ENTRIES // self.head.out_features)
         chunks = [
-            checkpoint(self._chunk_loss, hidden[i : i + rows], targets[i : i + rows],
+            checkpoint(self._chunk_loss, hidden[i : i + self.rows], targets[i : i + self.rows],
                        use_reentrant=False)
-            for i in range(0, len(targets), rows)
+            for i in range(0, len(targets), self.rows)
         ]  # fmt: skip
         return torch.stack(chunks).sum()
 
+    def row_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each row's summed loss in float32, as `loss` counts it, for evaluation (no graph
+        kept): the plain head's logits of a 64-row eval batch would be the run's peak."""
+        hidden, targets, counted, width = _counted(hidden, labels)
+        sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
+        for i in range(0, len(counted), self.rows):
+            at = counted[i : i + self.rows]
+            logits = precise(self.head(hidden.index_select(0, at)))
+            losses = F.cross_entropy(logits, targets.index_select(0, at), reduction="none")
+            sums.index_add_(0, at // width, losses.float())
+        return sums
+
     def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(precise(self.head(hidden)), targets, reduction="sum")
+
+
+def _counted(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Positions and labels aligned and flattened, the flat indices of the positions whose
+    label counts, and the aligned row width (flat index // width = the row)."""
+    hidden, targets = aligned(hidden, labels, shift=True)
+    width = targets.shape[1]
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    return hidden, targets, (targets != IGNORE).nonzero().squeeze(1), width
 
 
 def _owner(model: nn.Module, head: nn.Module) -> tuple[nn.Module | None, str]:
