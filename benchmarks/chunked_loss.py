@@ -11,12 +11,14 @@ sum, so they agree to float32 rounding).
 
     python benchmarks/chunked_loss.py                # 2 runs per side, about 30 minutes
     python benchmarks/chunked_loss.py --repeats 1 --steps 2
+    python benchmarks/chunked_loss.py --only evaluation --tag eval --repeats 1 --steps 1
     python benchmarks/chunked_loss.py --markdown benchmarks/results/chunked-loss-DATE.json
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -46,15 +48,33 @@ def data_rows(work: Path) -> dict[str, list[str]]:
         "chat, the answers count, gradient checkpointing": [
             "data.eval=[{path: 'sst2_chat:validation', rows: 8}]", recompute,
         ],
+        "evaluation: 64 rows of 512 tokens in one batch, gradient checkpointing": [
+            *plain, f"data.eval={long_rows(work, 64)}", "train.eval_batch_size=64", recompute,
+        ],
     }  # fmt: skip
+
+
+def long_rows(work: Path, count: int) -> Path:
+    """`count` documents of at least 512 tokens (eight AG News articles each), as an eval set
+    of long records looks to the scorer: every row cut at max_length, none padded."""
+    path = work / f"agnews-long-{count}.csv"
+    if not path.is_file():
+        source = sampled_csv(AGNEWS / "test.csv", work / "agnews-test-long.csv", 8 * count)
+        with open(source, newline="", encoding="utf-8") as file:
+            texts = [row["text"] for row in csv.DictReader(file)]
+        with open(path, "w", newline="", encoding="utf-8") as sink:
+            writer = csv.writer(sink)
+            writer.writerow(["text"])
+            writer.writerows([" ".join(texts[i : i + 8])] for i in range(0, len(texts), 8))
+    return path
 
 
 def run(work: Path, data: list[str], fused: str, steps: int) -> dict:
     output = Path(tempfile.mkdtemp(dir=work)) / "run"
     command = [
         "deltacli", "train", "--method", "lora_instruct", "-o", str(output),
-        *data, "data.packing=true", "data.max_length=512", "train.batch_size=8",
-        f"train.max_steps={steps}", "train.preview=0", "train.eval_batch_size=1",
+        "train.eval_batch_size=1", *data, "data.packing=true", "data.max_length=512",
+        "train.batch_size=8", f"train.max_steps={steps}", "train.preview=0",
         f"train.fused_loss={fused}",
     ]  # fmt: skip
     wall, peak, _ = measured(command)
@@ -76,20 +96,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per side (A-B-B-A)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/deltacli-chunked-loss"))
     parser.add_argument("--markdown", type=Path, help="print README's table from this raw file")
+    parser.add_argument("--only", help="run the rows whose name contains this")
+    parser.add_argument("--tag", help="raw file chunked-loss-TAG-DATE.json (another sitting)")
     args = parser.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())["runs"]))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
-    for row, data in data_rows(args.work).items():
+    rows = {row: data for row, data in data_rows(args.work).items() if (args.only or "") in row}
+    for row, data in rows.items():
         for side in (s for r in range(args.repeats) for s in alternating(list(SIDES), r)):
             result = {"row": row, "side": side, **run(args.work, data, SIDES[side], args.steps)}
             Console(stderr=True).print(result)
             results.append(result)
     path = write_results(
-        "chunked-loss", "peak RSS and speed of LoRA on SmolLM2, the model's head vs chunked",
-        results, steps=args.steps, repeats=args.repeats,
+        "-".join(filter(None, ["chunked-loss", args.tag])),
+        "peak RSS and speed of LoRA on SmolLM2, the model's head vs chunked", results,
+        steps=args.steps, repeats=args.repeats, only=args.only,
     )  # fmt: skip
     print(markdown(results))
     Console(stderr=True).print(f"raw runs: {path}")
