@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rich.console import Console
 
-from measure import alternating, measured, median_range, sampled_csv, write_results
+from measure import alternating, by_side, measured, median_range, sampled_csv, write_results
 
 AGNEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"
 SIDES = {"model's head": "false", "chunked": "true"}
@@ -127,18 +127,16 @@ def markdown(results: list[dict]) -> str:
         "| runs |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for row in dict.fromkeys(r["row"] for r in results):
-        base = None
-        for side in SIDES:
-            runs = [r for r in results if r["row"] == row and r["side"] == side]
-            peaks, speeds = ([r[key] for r in runs] for key in ("peak_rss_mb", "tokens_per_second"))
-            peak, speed = statistics.median(peaks), statistics.median(speeds)
-            base = base or (peak, speed)
-            lines.append(
-                f"| {row} | {side} | {median_range(peaks, '{:,.0f}')} | {peak / base[0]:.2f}× | "
-                f"{median_range(speeds, '{:,.1f}')} | {speed / base[1]:.2f}× | "
-                f"{runs[0]['train_loss']:.6f} | {len(runs)} |"
-            )
+    base = (0.0, 0.0)
+    for row, side, runs in by_side(results, "row", list(SIDES)):
+        peaks, speeds = ([r[key] for r in runs] for key in ("peak_rss_mb", "tokens_per_second"))
+        peak, speed = statistics.median(peaks), statistics.median(speeds)
+        base = (peak, speed) if side == next(iter(SIDES)) else base
+        lines.append(
+            f"| {row} | {side} | {median_range(peaks, '{:,.0f}')} | {peak / base[0]:.2f}× | "
+            f"{median_range(speeds, '{:,.1f}')} | {speed / base[1]:.2f}× | "
+            f"{runs[0]['train_loss']:.6f} | {len(runs)} |"
+        )
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rich.console import Console
 
-from measure import alternating, measured, median_range, write_results
+from measure import alternating, by_side, measured, median_range, write_results
 
 SIDES = {
     "eager": ["train.fused_adamw=false", "train.compile=false"],
@@ -85,17 +85,15 @@ def markdown(results: list[dict]) -> str:
         "| method | step | examples/s | vs eager | train loss | runs |",
         "|---|---|---|---|---|---|",
     ]
-    for method in dict.fromkeys(r["method"] for r in results):
-        eager = None
-        for side in SIDES:
-            runs = [r for r in results if r["method"] == method and r["side"] == side]
-            speeds = [r["samples_per_second"] for r in runs]
-            speed = statistics.median(speeds)
-            eager = eager or speed
-            lines.append(
-                f"| {method} | {side} | {median_range(speeds, '{:.1f}')} | {speed / eager:.2f}× "
-                f"| {runs[0]['train_loss']:.5f} | {len(runs)} |"
-            )
+    eager = 0.0
+    for method, side, runs in by_side(results, "method", list(SIDES)):
+        speeds = [r["samples_per_second"] for r in runs]
+        speed = statistics.median(speeds)
+        eager = speed if side == "eager" else eager
+        lines.append(
+            f"| {method} | {side} | {median_range(speeds, '{:.1f}')} | {speed / eager:.2f}× "
+            f"| {runs[0]['train_loss']:.5f} | {len(runs)} |"
+        )
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -137,3 +138,11 @@ def median_range(values: list[float], fmt: str) -> str:
         return "—"
     low, mid, high = min(values), statistics.median(values), max(values)
     return f"{fmt.format(mid)} [{fmt.format(low)}–{fmt.format(high)}]"
+
+
+def by_side(results: list[dict], row_key: str, sides: list[str]) -> Iterator[tuple[str, str, list]]:
+    """Each (row, side) of a side-by-side table with its runs: rows in the order first run,
+    sides in `sides`' order (the reference first)."""
+    for row in dict.fromkeys(r[row_key] for r in results):
+        for side in sides:
+            yield row, side, [r for r in results if r[row_key] == row and r["side"] == side]
