@@ -55,8 +55,8 @@ def data_rows(work: Path) -> dict[str, list[str]]:
 
 
 def long_rows(work: Path, count: int) -> Path:
-    """`count` documents of at least 512 tokens (eight AG News articles each), as an eval set
-    of long records looks to the scorer: every row cut at max_length, none padded."""
+    """`count` long documents, eight AG News articles each (242 to 529 SmolLM2 tokens for
+    64 of them): an eval batch of them is padded to max_length, 512 positions."""
     path = work / f"agnews-long-{count}.csv"
     if not path.is_file():
         source = sampled_csv(AGNEWS / "test.csv", work / "agnews-test-long.csv", 8 * count)
