@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=4)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seeds", default="42,43,44", help="seeds of every z run")
+    parser.add_argument("--agnews-seeds", help="seeds of the AG News z runs (default: --seeds)")
     parser.add_argument(
         "--head-lrs", default="1e-2,1e-1,3e-1", help="learning rates of the head-only floor"
     )
@@ -60,7 +61,10 @@ def main() -> None:
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())["runs"][0]))
         return
-    seeds = [int(seed) for seed in args.seeds.split(",")]
+    seeds = {
+        "SST-2": [int(seed) for seed in args.seeds.split(",")],
+        "AG News": [int(seed) for seed in (args.agnews_seeds or args.seeds).split(",")],
+    }
     head_lrs = args.head_lrs.split(",")
     if args.quick:
         QUICK.extend(["data.max_train_rows=64", "train.epochs=1"])
@@ -83,7 +87,7 @@ def main() -> None:
     z = {
         task: {
             m: [run(out / f"{key}-z" / f"{m}-{seed}", "subspace", *through(space, m),
-                    *data[task], f"train.seed={seed}") for seed in seeds]
+                    *data[task], f"train.seed={seed}") for seed in seeds[task]]
             for m in METHODS
         }
         for task, key in (("SST-2", "sst2"), ("AG News", "agnews"))
