@@ -36,7 +36,7 @@ AGNEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="the folder of every run (required to run)")
     parser.add_argument("--dim", type=int, default=4)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seeds", default="42,43,44", help="seeds of every z run")
@@ -61,6 +61,8 @@ def main() -> None:
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())["runs"][0]))
         return
+    if args.out is None:
+        parser.error("--out is required to run")
     seeds = {
         "SST-2": [int(seed) for seed in args.seeds.split(",")],
         "AG News": [int(seed) for seed in (args.agnews_seeds or args.seeds).split(",")],
