@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -58,6 +60,14 @@ class ChunkedHeadLoss:
         if any(getattr(model.config, key, None) for key in _AFTER_HEAD):
             return None
         return cls(head, owner, attribute)
+
+    @classmethod
+    def in_run(cls, model: nn.Module, accelerator: Accelerator) -> ChunkedHeadLoss | None:
+        """`of` the model an accelerator prepared; None under FSDP, whose wrapped output
+        layer cannot be swapped out (the one rule for training and evaluation)."""
+        if accelerator.distributed_type == DistributedType.FSDP:
+            return None
+        return cls.of(accelerator.unwrap_model(model))
 
     @contextlib.contextmanager
     def hidden_states(self) -> Iterator[None]:

@@ -9,7 +9,6 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from torch import nn
 
 from deltacli.labels import IGNORE
@@ -87,14 +86,6 @@ def score_classes(
     return {"loss": float(torch.cat(losses).mean()), **metrics, "examples": len(torch.cat(truth))}
 
 
-def _chunked_head(model: nn.Module, accelerator: Accelerator) -> ChunkedHeadLoss | None:
-    """A causal LM's loss a chunk of positions at a time where its logits are its plain
-    output layer's (FSDP's wrapped head stays whole)."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return None
-    return ChunkedHeadLoss.of(accelerator.unwrap_model(model))
-
-
 def _row_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
     """Each row's summed loss from the whole logits, row by row: the vocabulary makes a
     whole batch's log-probabilities large."""
@@ -120,7 +111,7 @@ def score_tokens(
     logits at position t predict the label at t + 1; `chunked` (`train.fused_loss`): its
     output layer runs a chunk of counted positions at a time where it can."""
     sums, counts = [], []
-    head = _chunked_head(model, accelerator) if shift and chunked else None
+    head = ChunkedHeadLoss.in_run(model, accelerator) if shift and chunked else None
     for batch in batches:
         labels = batch["labels"]
         # A causal LM given labels would compute its own loss too, over a float copy of the

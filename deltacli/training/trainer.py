@@ -198,8 +198,8 @@ class Trainer:
         """The chunked loss where the logits are a plain causal-LM head's, and the compiled
         layers where the recipe asks (both after the deltas attached and calibrated)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
-        chunked = config.fused_loss and self.task is CAUSAL_LM and not self.sharded
-        self.head_loss = ChunkedHeadLoss.of(unwrapped) if chunked else None
+        chunked = config.fused_loss and self.task is CAUSAL_LM
+        self.head_loss = ChunkedHeadLoss.in_run(self.model, self.accelerator) if chunked else None
         if config.compile:
             compiled = compile_layers(unwrapped)
             self.notice(
