@@ -20,6 +20,7 @@ that file, and `--markdown FILE …` prints it again from any raw files.
 
     python benchmarks/gpu.py                               # 828M, batch 8 × 512, 5 + 5 runs
     python benchmarks/gpu.py --size 1b --length 2048 --batch 16 --compile
+    python benchmarks/gpu.py --loss-kernel liger           # liger-kernel's loss (deltacli[liger])
     python benchmarks/gpu.py --tiny                        # a 2-layer model on the CPU (CI)
     python benchmarks/gpu.py --profile lora                # where a step's time goes
     python benchmarks/gpu.py --markdown benchmarks/results/gpu-h200-*.json
@@ -46,6 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BATCH, LENGTH = 8, 512  # --tiny: 2 × 64; --batch, --length
 COMPILE = False  # --compile: the deltacli side compiles its layers
+LOSS_KERNEL = "chunked"  # --loss-kernel: the deltacli side's train.loss_kernel
 # (hidden, intermediate, layers, heads, KV heads) of the random Llamas; the 1B one is
 # TinyLlama-1.1B's shape.
 SIZES = {"828m": (2048, 5440, 16, 16, 4), "1b": (2048, 5632, 22, 32, 4)}
@@ -135,6 +137,7 @@ def recipe(model: str, data: Path, method: str, variant: str, steps: int, gpu: b
                 "warmup_ratio": 0.0,
                 "log_every": 1,
                 "compile": COMPILE,
+                "loss_kernel": LOSS_KERNEL,
             },
         }
     )
@@ -318,6 +321,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs per side, A-B-B-A")
     parser.add_argument("--compile", action="store_true", help="deltacli side: train.compile=true")
     parser.add_argument(
+        "--loss-kernel", choices=["chunked", "liger"], default="chunked",
+        help="deltacli side: train.loss_kernel (liger: pip install 'deltacli[liger]')",
+    )  # fmt: skip
+    parser.add_argument(
         "--tokenizer", default=None, help="tokenizer files [default: the embedded model's]"
     )
     parser.add_argument("--work", default="/tmp/deltacli-gpu-bench", help="model and data folder")
@@ -342,9 +349,10 @@ def main() -> None:
     if args.markdown:
         print(markdown([json.loads(path.read_text()) for path in args.markdown]))
         return
-    global BATCH, LENGTH, COMPILE
+    global BATCH, LENGTH, COMPILE, LOSS_KERNEL
     BATCH, LENGTH = (2, 64) if args.tiny else (BATCH, LENGTH)
     BATCH, LENGTH, COMPILE = args.batch or BATCH, args.length or LENGTH, args.compile
+    LOSS_KERNEL = args.loss_kernel
     if args.side or args.profile_side:
         child(args)
         return
@@ -363,7 +371,8 @@ def main() -> None:
     write_text(data.with_name("eval.jsonl"), rows=2)
     common = ["--model", str(model), "--data", str(data), "--batch", str(BATCH),
               "--length", str(LENGTH), *(["--tiny"] if args.tiny else []),
-              *(["--compile"] if args.compile else [])]  # fmt: skip
+              *(["--compile"] if args.compile else []),
+              "--loss-kernel", args.loss_kernel]  # fmt: skip
     if args.profile:
         for side in SIDES if args.profile in SHARED else SIDES[:1]:
             done = subprocess.run(
@@ -405,6 +414,7 @@ def setting(args: argparse.Namespace, model: Path, steps: int) -> dict:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "compile": args.compile,
+            "loss_kernel": args.loss_kernel,
         },
         "time": time.strftime("%Y-%m-%dT%H%MZ", time.gmtime()),
         "device": device,
@@ -506,11 +516,12 @@ def mfu(record: dict, method: str, tokens_per_second: float) -> float | None:
 def markdown(records: list[dict]) -> str:
     """README's GPU table from raw files: median [min–max] of each side's runs."""
     lines = [
-        "| method | deltacli tokens/s | reference tokens/s | ratio | MFU | deltacli peak GiB | "
-        "reference peak GiB | runs | commit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | setting | deltacli tokens/s | reference tokens/s | ratio | MFU | "
+        "deltacli peak GiB | reference peak GiB | runs | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
+        setting = _setting(record["flags"])
         for row in record["rows"]:
             ours, theirs = (_values(row[side], "tokens_per_second") for side in SIDES)
             share = mfu(record, row["method"], statistics.median(ours)) if ours else None
@@ -519,7 +530,7 @@ def markdown(records: list[dict]) -> str:
             runs = " + ".join(str(len([r for r in row[s] if "error" not in r]))
                               for s in SIDES if row[s])  # fmt: skip
             lines.append(
-                f"| {row['row']} | {median_range(ours, '{:,.0f}')} | "
+                f"| {row['row']} | {setting} | {median_range(ours, '{:,.0f}')} | "
                 f"{median_range(theirs, '{:,.0f}')} | "
                 f"{f'{ratio:.2f}×' if ratio else '—'} | "
                 f"{f'{100 * share:.0f}%' if share else '—'} | "
@@ -527,6 +538,16 @@ def markdown(records: list[dict]) -> str:
                 f"{runs} | {record['commit']} |"
             )
     return "\n".join(lines)
+
+
+def _setting(flags: dict) -> str:
+    """The flags that change the deltacli side's step, as a table cell."""
+    parts = [f"{flags['size']}, {flags['batch']} × {flags['length']:,}"]
+    parts += ["compiled"] if flags.get("compile") else []
+    parts += (
+        [f"{flags['loss_kernel']} loss"] if flags.get("loss_kernel", "chunked") != "chunked" else []
+    )
+    return ", ".join(parts)
 
 
 def _values(results: list[dict], key: str) -> list[float]:

@@ -1057,7 +1057,8 @@ def main() -> None:
     quiet_libraries()
     debug = os.environ.get("DELTACLI_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        # The name users type, however Python was started (`python -m ...`, a test runner).
+        app(standalone_mode=False, prog_name="deltacli")
     except DeltacliError as error:
         if debug:
             raise

@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels (liger-kernel's, `train.loss_kernel=liger`) run on the CPU through Triton's
+# interpreter: read when a kernel is defined, so before anything imports them.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch

@@ -10,6 +10,8 @@ inductor itself, as users run it.
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +20,11 @@ from torch._dynamo.utils import counters
 
 import deltacli.tasks.fused_loss as fused_loss
 import deltacli.training.compiling as compiling
+from deltacli.commands.subspace import fit
+from deltacli.recipe import parse_recipe, recipe_to_dict
 from deltacli.storage.delta_folder import WEIGHTS_FILE
 from deltacli.tasks.evaluation import evaluate
+from deltacli.training.runs import train
 from deltacli.training.trainer import Trainer
 from helpers import assert_close, randomize_trainable, tiny_recipe
 
@@ -72,17 +77,45 @@ def assert_same_step(eager, fast) -> None:
         assert_close(ours, theirs, rel=1e-5)
 
 
-@pytest.mark.parametrize("rows", sorted(ROWS))
-@pytest.mark.parametrize("delta", KINDS, ids=lambda d: "-".join(map(str, d.values())))
-def test_the_fast_step_equals_the_eager_step(request, instructions, delta, rows, monkeypatch):
+def assert_fast_step_is_eager(model, instructions, delta, rows, monkeypatch) -> None:
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
     monkeypatch.setattr(fused_loss, "CHUNK_ENTRIES", 1)  # a chunk per token
-    model = request.getfixturevalue("biased_llama" if delta["kind"] == "bitfit" else "tiny_llama")
     eager = first_step(recipe(model, instructions, delta, rows, fused_loss=False), monkeypatch)
     fast = first_step(
         recipe(model, instructions, delta, rows, fused_loss=True, compile=True), monkeypatch
     )
     assert_same_step(eager, fast)
+
+
+@pytest.mark.parametrize("rows", sorted(ROWS))
+@pytest.mark.parametrize("delta", KINDS, ids=lambda d: "-".join(map(str, d.values())))
+def test_the_fast_step_equals_the_eager_step(request, instructions, delta, rows, monkeypatch):
+    model = request.getfixturevalue("biased_llama" if delta["kind"] == "bitfit" else "tiny_llama")
+    assert_fast_step_is_eager(model, instructions, delta, rows, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def llama_space(tmp_path_factory, tiny_llama, instructions) -> Path:
+    """A subspace fitted on the tiny Llama to a LoRA and an IA3 run (an epoch each)."""
+    root = tmp_path_factory.mktemp("llama-space")
+    folders = []
+    for delta in ({"kind": "lora", "r": 4}, {"kind": "ia3"}):
+        made = tiny_recipe(tiny_llama, instructions, delta, task="causal-lm", epochs=1)
+        folders.append(root / delta["kind"])
+        train(parse_recipe({**recipe_to_dict(made), "name": delta["kind"]}), folders[-1])
+    fit(folders, root / "space", dim=3, steps=5, lr=1e-2)
+    return root / "space"
+
+
+@pytest.mark.parametrize("rows", sorted(ROWS))
+@pytest.mark.parametrize("through", ["lora", "ia3"])
+def test_the_fast_step_through_a_subspace_equals_the_eager_step(
+    tiny_llama, llama_space, instructions, through, rows, monkeypatch
+):
+    """The subspace kind computes its method's tensors from z by parametrizations, which
+    the compiled layers trace with the rest."""
+    delta = {"kind": "subspace", "subspace": str(llama_space), "through": through}
+    assert_fast_step_is_eager(tiny_llama, instructions, delta, rows, monkeypatch)
 
 
 def test_inductor_compiles_the_lora_step_to_the_eager_step(tiny_llama, instructions, monkeypatch):
@@ -238,3 +271,59 @@ def test_evaluation_over_a_bf16_base_chunks_under_the_forwards_autocast(tiny_lla
     whole = evaluate(trainer.model, trainer.eval_batches, trainer.accelerator, trainer.task,
                      train=train)  # fmt: skip
     assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-2)
+
+
+LIGER_CASES = {
+    "lora": {"kind": "lora", "r": 4},
+    "full": {"kind": "full"},  # the output layer's weight trains: liger's weight gradient
+}
+
+
+@pytest.mark.parametrize("rows", sorted(ROWS))
+@pytest.mark.parametrize("case", sorted(LIGER_CASES))
+def test_liger_s_kernel_steps_as_the_models_head(tiny_llama, instructions, case, rows, monkeypatch):
+    """`train.loss_kernel=liger`: liger-kernel's fused linear cross-entropy (its Triton
+    kernels run by Triton's interpreter on the CPU) gives the plain step's loss and
+    gradients, padded and packed, and it is what ran."""
+    ran: list[int] = []
+    summed = fused_loss.LigerHeadLoss._summed
+    monkeypatch.setattr(fused_loss.LigerHeadLoss, "_summed",
+                        lambda self, hidden, targets: ran.append(len(targets)) or summed(self, hidden, targets))  # fmt: skip
+    delta = LIGER_CASES[case]
+    eager = first_step(recipe(tiny_llama, instructions, delta, rows, fused_loss=False), monkeypatch)
+    assert not ran
+    liger = first_step(
+        recipe(tiny_llama, instructions, delta, rows, loss_kernel="liger"), monkeypatch
+    )
+    assert ran and all(ran)
+    assert_same_step(eager, liger)
+
+
+def test_liger_leaves_a_head_with_a_delta_to_the_chunked_loss(
+    cli, tiny_llama, instructions, tmp_path
+):
+    """liger reads the output layer's weight, so a LoRA on it (a hook) would be lost: the
+    chunked loss runs, and the run says so."""
+    code, out, err = cli("train", "--model", tiny_llama, "--method", "lora", "task=causal-lm",
+                         "--data", instructions["train"], "--eval-data", instructions["eval"],
+                         "deltas.0.targets=[q_proj,lm_head]", "train.loss_kernel=liger",
+                         "train.max_steps=1", "-o", tmp_path / "run")  # fmt: skip
+    assert code == 0, err
+    assert "train.loss_kernel=liger: a delta or quantisation changes the output layer" in out + err
+
+
+@pytest.mark.parametrize("where", ["cpu", "not installed"])
+def test_liger_where_it_cannot_run_is_one_line(
+    cli, tiny_llama, instructions, tmp_path, monkeypatch, where
+):
+    if where == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")  # a CPU without the interpreter
+        message = "train.loss_kernel=liger runs Triton kernels on a GPU; this run is on the cpu: use train.loss_kernel=chunked"
+    else:
+        monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+        message = "train.loss_kernel=liger needs liger-kernel: pip install 'deltacli[liger]'"
+    code, _, err = cli("train", "--model", tiny_llama, "--method", "lora", "task=causal-lm",
+                       "--data", instructions["train"], "--eval-data", instructions["eval"],
+                       "train.loss_kernel=liger", "-o", tmp_path / "run")  # fmt: skip
+    assert code == 2 and err.strip() == f"error: {message}"
+    assert not (tmp_path / "run").exists()

@@ -150,6 +150,11 @@ class TrainConfig:
         "tokens the loss counts, never holding all the logits, tokens × vocabulary (same loss, "
         "less memory); false: the model's own head and one cross-entropy",
     )
+    loss_kernel: Literal["chunked", "liger"] = option(
+        "chunked",
+        "with fused_loss: chunked (PyTorch, any device) or liger (liger-kernel's fused linear "
+        "cross-entropy, Triton on a GPU: pip install 'deltacli[liger]')",
+    )
     fused_adamw: bool = option(
         True,
         "update the deltas with torch's fused AdamW (one kernel per group) where the device has "

@@ -11,12 +11,18 @@ memory is one chunk's logits; the result is the same sum as `losses.token_loss`.
 The output layer is called as a module, so a delta on it (LoRA or IA3 on `lm_head`, full
 fine-tuning of a tied embedding) trains as it does in the plain step. Models that change
 the logits after the output layer (soft-capping, logit scales) keep the plain step.
+
+On a GPU, `train.loss_kernel=liger` hands the same positions to liger-kernel's fused
+linear cross-entropy instead (Triton kernels that compute the gradients during the forward
+pass, so nothing is recomputed); it reads the head's weight directly, so a head that a
+delta changes through hooks or parametrizations keeps the chunked loss.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from deltacli.errors import DeltacliError
 from deltacli.labels import IGNORE
 from deltacli.tasks.losses import aligned, precise
 
@@ -34,6 +41,11 @@ CHUNK_ENTRIES = 2**24
 
 # Configuration keys of models that transform the logits after the output layer.
 _AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+# `train.loss_kernel` values: the chunked PyTorch loss here, or liger-kernel's.
+CHUNKED, LIGER = "chunked", "liger"
+# Devices liger's Triton kernels run on (torch calls ROCm "cuda").
+_TRITON_DEVICES = ("cuda", "xpu")
 
 
 class PassThrough(nn.Module):
@@ -91,7 +103,10 @@ class ChunkedHeadLoss:
             # Nothing counts (a stand-in micro-batch): a zero that still reaches every
             # weight the plain loss reaches, so the backward pass runs the same hooks.
             return self._chunk_loss(hidden[:1], targets.new_zeros(1)) * 0.0
-        hidden, targets = hidden.index_select(0, counted), targets.index_select(0, counted)
+        return self._summed(hidden.index_select(0, counted), targets.index_select(0, counted))
+
+    def _summed(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed loss of counted positions (`targets` holds no -100)."""
         chunks = [
             checkpoint(self._chunk_loss, hidden[i : i + self.rows], targets[i : i + self.rows],
                        use_reentrant=False)
@@ -113,6 +128,44 @@ class ChunkedHeadLoss:
 
     def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(precise(self.head(hidden)), targets, reduction="sum")
+
+
+class LigerHeadLoss(ChunkedHeadLoss):
+    """The chunked loss's positions through liger-kernel's fused linear cross-entropy.
+    Evaluation keeps the chunked rows (`row_losses`): it has no backward pass to fuse."""
+
+    def __init__(self, chunked: ChunkedHeadLoss, kernel: Callable[..., torch.Tensor]) -> None:
+        super().__init__(chunked.head, chunked.owner, chunked.attribute)
+        self.kernel = kernel
+
+    def _summed(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.kernel(self.head.weight, hidden, targets, self.head.bias)
+
+
+def with_kernel(chunked: ChunkedHeadLoss, kernel: str) -> tuple[ChunkedHeadLoss, str | None]:
+    """The loss `train.loss_kernel` asks for, or the chunked one and why it stays. Raises
+    where liger cannot run at all (not installed, or no device for its Triton kernels)."""
+    if kernel == CHUNKED:
+        return chunked, None
+    head = chunked.head
+    device = head.weight.device.type
+    # Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on the CPU, slowly:
+    # for checking them without a GPU, as the tests do.
+    if device not in _TRITON_DEVICES and os.environ.get("TRITON_INTERPRET") != "1":
+        raise DeltacliError(
+            f"train.loss_kernel={LIGER} runs Triton kernels on a GPU; this run is on the "
+            f"{device}: use train.loss_kernel={CHUNKED}"
+        )
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        raise DeltacliError(
+            f"train.loss_kernel={LIGER} needs liger-kernel: pip install 'deltacli[liger]'"
+        ) from None
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        # A parametrized or quantised layer is a subclass; LoRA and IA3 act through hooks.
+        return chunked, "a delta or quantisation changes the output layer, whose weight liger reads"
+    return LigerHeadLoss(chunked, LigerFusedLinearCrossEntropyLoss(reduction="sum")), None
 
 
 def _counted(

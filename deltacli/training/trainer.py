@@ -27,7 +27,7 @@ from deltacli.deltas.base import sharded_like, whole
 from deltacli.errors import DeltacliError
 from deltacli.recipe import Recipe
 from deltacli.tasks.evaluation import evaluate, generate
-from deltacli.tasks.fused_loss import ChunkedHeadLoss
+from deltacli.tasks.fused_loss import ChunkedHeadLoss, with_kernel
 from deltacli.tasks.metrics import oriented
 from deltacli.tasks.registry import CAUSAL_LM
 from deltacli.tasks.scoring import reported_metrics
@@ -200,6 +200,10 @@ class Trainer:
         unwrapped = self.accelerator.unwrap_model(self.model)
         chunked = config.fused_loss and self.task is CAUSAL_LM
         self.head_loss = ChunkedHeadLoss.in_run(self.model, self.accelerator) if chunked else None
+        if self.head_loss is not None:
+            self.head_loss, why = with_kernel(self.head_loss, config.loss_kernel)
+            if why:
+                self.notice(f"train.loss_kernel={config.loss_kernel}: {why}; the chunked loss runs")
         if config.compile:
             compiled = compile_layers(unwrapped)
             self.notice(
