@@ -1,7 +1,9 @@
 """The fast step computes what the plain step computes: with the chunked head + loss
 (`train.fused_loss`) and compiled layers (`train.compile`), one training step's loss and
 gradients equal the eager step's, for every kind, on padded and on packed rows (float32,
-through the trainer's own step). And the chunked loss never holds the whole logits.
+through the trainer's own step), and no kind's hooks break a compiled layer's graph. The
+chunked loss never holds the whole logits; liger's kernel (`train.loss_kernel=liger`) gives
+the same step.
 
 Every kind's hooks are traced with dynamo + AOT autograd (`aot_eager`: the graphs the
 compiler is given, without generating code, a few seconds each); LoRA also runs through
@@ -57,8 +59,10 @@ def first_step(recipe, monkeypatch) -> tuple[float, list[torch.Tensor]]:
         trainer.optimizer, "step", lambda: grads.extend(p.grad.clone() for p in trainer.params)
     )
     loss = trainer._step(trainer.epoch_permutation(), 0)
-    # Compiled: dynamo captured the layers as graphs (none when it fell back to eager).
+    # Compiled: dynamo captured the layers as graphs (none when it fell back to eager),
+    # each layer whole: no delta's hook broke its graph.
     assert (counters["stats"]["unique_graphs"] > 0) == recipe.train.compile
+    assert not counters["graph_break"], dict(counters["graph_break"])
     return loss, grads
 
 
