@@ -76,12 +76,14 @@ def test_packing_and_gradient_checkpointing_train(tiny_llama, instructions):
     [
         ("flash_attention_2", "lora", "attention: flash_attention_2 cannot run"),
         ("flex_attention", "prefix", "prefix tuning prepends keys through sdpa"),
+        ("flex_attention", "lora", "attention: flex_attention cannot train on a CPU"),
     ],
 )
 def test_an_attention_kernel_that_cannot_run_is_refused_in_one_line(
     cli, tiny_llama, instructions, tmp_path, attention, kind, message
 ):
-    """FlashAttention needs a CUDA GPU and its package; prefix tuning needs sdpa's masks."""
+    """FlashAttention needs a CUDA GPU and its package; prefix tuning needs sdpa's masks;
+    FlexAttention has no backward pass on a CPU."""
     code, _, err = cli(
         "train", "--method", "lora_instruct", "--model", tiny_llama, "-o", tmp_path / "out",
         f"data.train={instructions['train']}", f"data.eval={instructions['eval']}",

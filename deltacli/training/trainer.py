@@ -136,7 +136,7 @@ class Trainer:
         self.units = [self.task.units(x) for x in self.data.train[self.task.units_column]]
         self.collate = self.task.collate(self.tokenizer, self.data.train)
         eval_batches = self.session.batches(self.data.eval, config.eval_batch_size)
-        self._refuse_unshardable()
+        self._refuse_what_cannot_train()
         self.model, self.optimizer, self.eval_batches = self.accelerator.prepare(
             self.model, optimizer, eval_batches
         )
@@ -177,9 +177,15 @@ class Trainer:
     def sharded(self) -> bool:
         return self.accelerator.distributed_type == DistributedType.FSDP
 
-    def _refuse_unshardable(self) -> None:
+    def _refuse_what_cannot_train(self) -> None:
         """Deltas that write into base weights cannot train on FSDP's shards; ZeRO-3
-        partitions parameters in a way deltacli does not gather yet."""
+        partitions parameters in a way deltacli does not gather yet; torch's FlexAttention
+        has no backward pass on a CPU (it would fail at the first step, in a traceback)."""
+        if self.recipe.attention == "flex_attention" and self.accelerator.device.type == "cpu":
+            raise DeltacliError(
+                "attention: flex_attention cannot train on a CPU (torch's FlexAttention has "
+                "no backward pass there); use sdpa or eager"
+            )
         if self.sharded:
             for delta in self.deltas.deltas:
                 if not delta.shardable:
