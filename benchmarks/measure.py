@@ -6,6 +6,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import platform
 import random
 import statistics
@@ -68,7 +69,11 @@ def budget_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _commit() -> str:
-    """The checked-out commit, `+dirty` with uncommitted changes to tracked files."""
+    """The checked-out commit, `+dirty` with uncommitted changes to tracked files; or
+    DELTACLI_COMMIT, where the tree is a copy without .git (a GPU sitting's, which
+    scripts/gpu_prepare.sh stamps with the commit it was prepared from)."""
+    if os.environ.get("DELTACLI_COMMIT"):
+        return os.environ["DELTACLI_COMMIT"]
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
