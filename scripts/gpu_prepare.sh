@@ -19,7 +19,8 @@ rm -rf .gpu && mkdir -p .gpu/whl .gpu/tok
 # What the device lacks (it has torch with CUDA and triton, transformers, peft, accelerate):
 # datasets and its own dependencies, bitsandbytes (the QLoRA row) and liger-kernel.
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$python_version" \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .gpu/whl \
     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash bitsandbytes==0.50.2 liger-kernel
 tokenizer=$(python3 -c 'from deltacli.models.loading import resolve; print(resolve("default"))')
