@@ -90,6 +90,24 @@ class ChunkedHeadLoss:
         finally:
             setattr(self.owner, self.attribute, self.head)
 
+    def of_batch(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        accelerator: Accelerator,
+        *,
+        per_row: bool = False,
+    ) -> torch.Tensor:
+        """`model` run on `inputs` with its head passed through, then the head + loss on
+        the counted positions: the summed loss (`loss`), or each row's (`row_losses`)."""
+        with self.hidden_states():
+            hidden = model(**inputs).logits
+        # The output layer runs outside the model's forward, so under the autocast that
+        # accelerate wraps the forward in (a half-precision or quantised base's).
+        with accelerator.autocast():
+            return self.row_losses(hidden, labels) if per_row else self.loss(hidden, labels)
+
     @property
     def rows(self) -> int:
         """Positions per chunk."""

@@ -118,10 +118,7 @@ def score_tokens(
         # logits; a seq2seq model needs them for its decoder's inputs.
         inputs = {k: v for k, v in batch.items() if k != "labels"} if shift else batch
         if head is not None:
-            with head.hidden_states():
-                hidden = model(**inputs).logits
-            with accelerator.autocast():  # the forward's own (a bf16 base), which ended above
-                losses = head.row_losses(hidden, labels)
+            losses = head.of_batch(model, inputs, labels, accelerator, per_row=True)
         else:
             losses = _row_losses(model(**inputs).logits, labels, shift)
         counted = (scored_labels(labels, shift=shift) != IGNORE).sum(1)

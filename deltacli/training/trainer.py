@@ -460,12 +460,7 @@ class Trainer:
             k: v for k, v in batch.items() if k != "labels"
         }  # fmt: skip
         if self.head_loss is not None:
-            with self.head_loss.hidden_states():
-                hidden = self.model(**inputs).logits
-            # The output layer runs outside the model's forward, so under the autocast that
-            # accelerate wraps the forward in (a half-precision or quantised base's).
-            with self.accelerator.autocast():
-                return self.head_loss.loss(hidden, labels), {}
+            return self.head_loss.of_batch(self.model, inputs, labels, self.accelerator), {}
         return self.task.loss(self.model(**inputs).logits, labels), {}
 
     def _step_metrics(self) -> dict[str, float]:
