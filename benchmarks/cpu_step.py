@@ -9,6 +9,8 @@ printed beside it: the sides compute the same update, so it agrees to float roun
 
     python benchmarks/cpu_step.py                      # lora and full, 2 runs per side
     python benchmarks/cpu_step.py --methods lora adapter prefix --repeats 3
+    python benchmarks/cpu_step.py --methods lora --steps 188 --tag 3-epochs \
+        --sides eager "compiled + fused AdamW"         # 3 epochs: does compiling pay off?
     python benchmarks/cpu_step.py --markdown benchmarks/results/cpu-step-DATE.json
 """
 
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2, help="runs per side")
     parser.add_argument("--work", type=Path, default=Path("/tmp/deltacli-cpu-step"))
+    parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
+    parser.add_argument("--tag", default="", help="a suffix for the raw file's name")
     parser.add_argument("--markdown", type=Path, help="print README's table from this raw file")
     args = parser.parse_args()
     if args.markdown:
@@ -66,13 +70,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     for method in args.methods:
-        for side in (s for r in range(args.repeats) for s in alternating(list(SIDES), r)):
+        for side in (s for r in range(args.repeats) for s in alternating(args.sides, r)):
             result = run(args.work, method, side, args.steps)
             Console(stderr=True).print(result)
             results.append(result)
+    name = f"cpu-step-{args.tag}" if args.tag else "cpu-step"
     path = write_results(
-        "cpu-step", "training speed on a CPU: eager, fused AdamW, compiled layers", results,
-        steps=args.steps, repeats=args.repeats, sides=SIDES,
+        name, "training speed on a CPU: eager, fused AdamW, compiled layers", results,
+        steps=args.steps, repeats=args.repeats, sides={s: SIDES[s] for s in args.sides},
     )  # fmt: skip
     print(markdown(results))
     Console(stderr=True).print(f"raw runs: {path}")
