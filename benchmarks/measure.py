@@ -147,7 +147,9 @@ def median_range(values: list[float], fmt: str) -> str:
 
 def by_side(results: list[dict], row_key: str, sides: list[str]) -> Iterator[tuple[str, str, list]]:
     """Each (row, side) of a side-by-side table with its runs: rows in the order first run,
-    sides in `sides`' order (the reference first)."""
+    sides in `sides`' order (the reference first), those that ran."""
     for row in dict.fromkeys(r[row_key] for r in results):
         for side in sides:
-            yield row, side, [r for r in results if r[row_key] == row and r["side"] == side]
+            runs = [r for r in results if r[row_key] == row and r["side"] == side]
+            if runs:
+                yield row, side, runs
