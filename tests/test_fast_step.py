@@ -303,6 +303,23 @@ def test_liger_s_kernel_steps_as_the_models_head(tiny_llama, instructions, case,
     assert_same_step(eager, liger)
 
 
+def test_liger_over_a_bf16_base_gives_the_models_head_s_step(tiny_llama, instructions, monkeypatch):
+    """Over a half-precision base (bf16 hidden states and output layer) liger's kernels
+    give the plain head's step, to bf16's rounding."""
+    delta = {"kind": "lora", "r": 4}
+    eager = first_step(
+        recipe(tiny_llama, instructions, delta, "padded", fused_loss=False, base_dtype="bf16"),
+        monkeypatch,
+    )
+    liger = first_step(
+        recipe(tiny_llama, instructions, delta, "padded", loss_kernel="liger", base_dtype="bf16"),
+        monkeypatch,
+    )
+    assert liger[0] == pytest.approx(eager[0], rel=1e-3)
+    for ours, theirs in zip(liger[1], eager[1], strict=True):
+        assert_close(ours, theirs, rel=1e-2)
+
+
 def test_liger_leaves_a_head_with_a_delta_to_the_chunked_loss(
     cli, tiny_llama, instructions, tmp_path
 ):
