@@ -133,22 +133,35 @@ def test_inductor_compiles_the_lora_step_to_the_eager_step(tiny_llama, instructi
     assert_same_step(eager, fast)
 
 
+HEADS = {
+    # A plain output layer: each chunk's gradients computed in the forward pass, once.
+    "plain head": ({"kind": "lora"}, 1),
+    # A LoRA on it: called as a module, each chunk recomputed in the backward pass.
+    "head with a delta": ({"kind": "lora", "targets": ["q_proj", "lm_head"]}, 2),
+}
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
 def test_the_chunked_loss_projects_only_counted_tokens_a_chunk_at_a_time(
-    tiny_llama, instructions, monkeypatch
+    tiny_llama, instructions, monkeypatch, head
 ):
     """The output layer sees the answer tokens only, never more rows at once than a chunk —
-    in the forward pass and in the backward pass's recomputation — so the logits of the
-    whole batch never exist."""
+    so the logits of the whole batch never exist — once per chunk where its gradients come
+    with the forward pass, twice where the backward pass recomputes it."""
+    delta, passes = HEADS[head]
     monkeypatch.setattr(fused_loss, "CHUNK_ENTRIES", 5 * 41)  # 41: the tiny vocabulary
-    trainer = Trainer(recipe(tiny_llama, instructions, {"kind": "lora"}, "padded"), None)
+    trainer = Trainer(recipe(tiny_llama, instructions, delta, "padded"), None)
     assert trainer.head_loss is not None and trainer.head_loss.head.out_features == 41
+    assert trainer.head_loss.reads_weight == (passes == 1)
     rows: list[int] = []
     trainer.head_loss.head.register_forward_hook(lambda m, i, out: rows.append(out.shape[0]))
+    logits = fused_loss._logits
+    monkeypatch.setattr(fused_loss, "_logits", lambda *a: rows.append(len(a[0])) or logits(*a))
     monkeypatch.setattr(trainer.optimizer, "step", lambda: None)
     order = trainer.epoch_permutation()
     trainer._step(order, 0)
     counted = sum(trainer.units[i] for i in trainer.plan.step_examples(order, 0))
-    assert max(rows) == 5 and sum(rows) == 2 * counted  # forward + recomputed in backward
+    assert max(rows) == 5 and sum(rows) == passes * counted
 
 
 def test_the_models_head_stays_when_off_or_when_logits_change_after_it(

@@ -4,13 +4,17 @@ The model's own head turns every position into a vocabulary-wide row of logits �
 positions × SmolLM2's 49,152 tokens is 805 MB in float32, and its log-softmax and gradient
 as much again each — although instruction tuning counts the loss on the answers only. Here
 the decoder runs with its output layer passed through, the positions whose label counts
-are picked out, and the output layer and cross-entropy run on them a chunk at a time, each
-chunk recomputed in the backward pass (activation checkpointing) rather than kept. Peak
+are picked out, and the output layer and cross-entropy run on them a chunk at a time. Peak
 memory is one chunk's logits; the result is the same sum as `losses.token_loss`.
 
-The output layer is called as a module, so a delta on it (LoRA or IA3 on `lm_head`, full
-fine-tuning of a tied embedding) trains as it does in the plain step. Models that change
-the logits after the output layer (soft-capping, logit scales) keep the plain step.
+Where the output layer is a plain linear layer (its weight and bias are all it computes,
+whether or not they train), each chunk's gradients are computed in the forward pass — the
+loss's gradient to the logits is softmax − one-hot, known as soon as the loss is — and the
+backward pass only scales them: no chunk runs twice. Where a delta changes the layer (LoRA
+or IA3 hooks on `lm_head`, a parametrization), it is called as a module, each chunk
+recomputed in the backward pass (activation checkpointing), so the delta trains as in the
+plain step. Models that change the logits after the output layer (soft-capping, logit
+scales) keep the plain step.
 
 On a GPU, `train.loss_kernel=liger` hands the same positions to liger-kernel's fused
 linear cross-entropy instead (Triton kernels that compute the gradients during the forward
@@ -60,6 +64,7 @@ class ChunkedHeadLoss:
 
     def __init__(self, head: nn.Linear, owner: nn.Module, attribute: str) -> None:
         self.head, self.owner, self.attribute = head, owner, attribute
+        self.reads_weight = plain_linear(head)  # the chunks' gradients in the forward pass
 
     @classmethod
     def of(cls, model: nn.Module) -> ChunkedHeadLoss | None:
@@ -125,6 +130,9 @@ class ChunkedHeadLoss:
 
     def _summed(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The summed loss of counted positions (`targets` holds no -100)."""
+        if self.reads_weight:
+            head = self.head
+            return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, self.rows)
         chunks = [
             checkpoint(self._chunk_loss, hidden[i : i + self.rows], targets[i : i + self.rows],
                        use_reentrant=False)
@@ -146,6 +154,69 @@ class ChunkedHeadLoss:
 
     def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(precise(self.head(hidden)), targets, reduction="sum")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Output layer + summed cross-entropy, a chunk of `rows` positions at a time, with the
+    gradients to the hidden states, weight and bias computed in the forward pass (logits
+    never kept, nothing recomputed); the backward pass scales them by the loss's gradient.
+    Under autocast the matmuls run in its dtype and the softmax in float32, as in the plain
+    head + `losses.precise`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):
+        # Autograd is off inside `forward`; what it will want is `needs_input_grad`.
+        wants = ctx.needs_input_grad[:3]
+        d_hidden = torch.empty_like(hidden) if wants[0] else None
+        d_weight = torch.zeros_like(weight, dtype=torch.float32) if wants[1] else None
+        d_bias = torch.zeros_like(bias, dtype=torch.float32) if wants[2] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, len(targets), rows):
+            chunk, target = hidden[i : i + rows], targets[i : i + rows]
+            logits = _logits(chunk, weight, bias)
+            log_probs = torch.log_softmax(precise(logits), dim=-1)
+            total += -log_probs.gather(1, target[:, None]).sum()
+            if not any(wants):
+                continue
+            # softmax − one-hot, the sum's gradient to the logits, in the matmul's dtype (as
+            # autograd hands it back through `precise`)
+            d_logits = log_probs.exp_()
+            d_logits[torch.arange(len(target), device=target.device), target] -= 1.0
+            d_logits = d_logits.to(logits.dtype)
+            if d_hidden is not None:
+                d_hidden[i : i + rows] = d_logits @ weight.to(logits.dtype)
+            if d_weight is not None:
+                d_weight += (d_logits.T @ chunk.to(logits.dtype)).float()
+            if d_bias is not None:
+                d_bias += d_logits.float().sum(0)
+        ctx.grads = (d_hidden, d_weight, d_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, d_total):
+        d_hidden, d_weight, d_bias = ctx.grads
+        ctx.grads = None
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (
+            None if d_hidden is None else d_hidden * d_total.to(d_hidden.dtype),
+            None if d_weight is None else (d_weight * d_total).to(weight_dtype),
+            None if d_bias is None else (d_bias * d_total).to(bias_dtype),
+            None,
+            None,
+        )
+
+
+def _logits(chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's logits, in the matmul's dtype (the autocast's, under one)."""
+    return F.linear(chunk, weight, bias)
+
+
+def plain_linear(head: nn.Module) -> bool:
+    """Whether `head` computes nothing but `F.linear` of its own weight and bias: not a
+    subclass (a parametrized or quantised layer), no hooks (LoRA, IA3, SIFT act through
+    them). Only then may a loss read its weight directly."""
+    return type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
 
 
 class LigerHeadLoss(ChunkedHeadLoss):
@@ -180,8 +251,7 @@ def with_kernel(chunked: ChunkedHeadLoss, kernel: str) -> tuple[ChunkedHeadLoss,
         raise DeltacliError(
             f"train.loss_kernel={LIGER} needs liger-kernel: pip install 'deltacli[liger]'"
         ) from None
-    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
-        # A parametrized or quantised layer is a subclass; LoRA and IA3 act through hooks.
+    if not chunked.reads_weight:
         return chunked, "a delta or quantisation changes the output layer, whose weight liger reads"
     return LigerHeadLoss(chunked, LigerFusedLinearCrossEntropyLoss(reduction="sum")), None
 
