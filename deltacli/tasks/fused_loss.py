@@ -174,21 +174,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, len(targets), rows):
             chunk, target = hidden[i : i + rows], targets[i : i + rows]
             logits = _logits(chunk, weight, bias)
-            log_probs = torch.log_softmax(precise(logits), dim=-1)
-            total += -log_probs.gather(1, target[:, None]).sum()
-            if not any(wants):
-                continue
-            # softmax − one-hot, the sum's gradient to the logits, in the matmul's dtype (as
-            # autograd hands it back through `precise`)
-            d_logits = log_probs.exp_()
-            d_logits[torch.arange(len(target), device=target.device), target] -= 1.0
-            d_logits = d_logits.to(logits.dtype)
-            if d_hidden is not None:
-                d_hidden[i : i + rows] = d_logits @ weight.to(logits.dtype)
-            if d_weight is not None:
-                d_weight += (d_logits.T @ chunk.to(logits.dtype)).float()
-            if d_bias is not None:
-                d_bias += d_logits.float().sum(0)
+            dtype = logits.dtype
+            # One float32 buffer per chunk, turned in place into log-probabilities, then
+            # into softmax − one-hot (the sum's gradient to the logits).
+            work = precise(logits)
+            del logits
+            work.sub_(work.logsumexp(dim=-1, keepdim=True))
+            total -= work.gather(1, target[:, None]).sum()
+            if any(wants):
+                work.exp_()
+                work[torch.arange(len(target), device=target.device), target] -= 1.0
+                d_logits = work.to(dtype)  # the matmul's dtype, as autograd would hand it
+                if d_hidden is not None:
+                    d_hidden[i : i + rows] = d_logits @ weight.to(dtype)
+                if d_weight is not None:
+                    d_weight += (d_logits.T @ chunk.to(dtype)).float()
+                if d_bias is not None:
+                    d_bias += d_logits.float().sum(0)
+                del d_logits
+            del work  # before the next chunk's logits exist
         ctx.grads = (d_hidden, d_weight, d_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
