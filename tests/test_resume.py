@@ -97,6 +97,24 @@ def test_resume_refuses_what_would_change_the_run_and_what_cannot_resume(
     assert code == 2 and "is a finished run" in err
 
 
+# Runs the CLI with the second process reading its random state from a checkpoint 3 s late.
+LATE_READER = """
+import sys, time
+from deltacli.training import trainer
+from deltacli.cli import main
+
+restore = trainer.restore_random_state
+
+def late(path, rank):
+    if rank == 1:
+        time.sleep(3)
+    restore(path, rank)
+
+trainer.restore_random_state = late
+sys.exit(main())
+"""
+
+
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 def test_two_processes_resume_to_the_same_delta_after_kill_9(tmp_path, tiny_bert, sentiment):
     two = [*args(tiny_bert, sentiment, "out"), "train.batch_size=8"]
@@ -109,7 +127,11 @@ def test_two_processes_resume_to_the_same_delta_after_kill_9(tmp_path, tiny_bert
     script.write_text(STOPPING)
     killed = run_offline([*launcher(), str(script), "kill", "5", *two], tmp_path)
     assert killed.returncode != 0
-    resumed = run_offline([*launcher(), "-m", "deltacli", "train", "--resume", "out"], tmp_path)
+    # The second process reads its part of the checkpoint last, as a slower machine may: the
+    # main one must not move the folder it reads from meanwhile (a race CI once lost).
+    late = tmp_path / "late.py"
+    late.write_text(LATE_READER)
+    resumed = run_offline([*launcher(), str(late), "train", "--resume", "out"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same(tmp_path / "out", reference / "out")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())

@@ -167,6 +167,8 @@ class RunFolder:
         cls, trainer: Trainer, output: Path, overwrite: bool, resuming: InterruptedRun | None
     ) -> RunFolder:
         scratch = None
+        if resuming:  # every process has read the checkpoint before its folder is renamed
+            trainer.accelerator.wait_for_everyone()
         if trainer.accelerator.is_main_process:
             notice = trainer.notice
             if resuming:
