@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI's consoles are made when it is imported, and the tests read what they print: wide
+# enough that long temporary paths do not wrap (pytest-xdist's workers start with COLUMNS=80).
+os.environ["COLUMNS"] = "200"
 # Triton kernels (liger-kernel's, `train.loss_kernel=liger`) run on the CPU through Triton's
 # interpreter: read when a kernel is defined, so before anything imports them.
 os.environ["TRITON_INTERPRET"] = "1"
@@ -17,6 +20,12 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest
 import torch
 from transformers import BertTokenizer
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # The suite runs in several workers (pyproject's `-n`): each takes its share of the cores,
+    # as two torch processes that each spin every core's threads run several times slower.
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from deltacli.cli import main
 from helpers import (
@@ -33,6 +42,12 @@ from helpers import (
     write_csv,
     write_jsonl,
 )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests (each starts processes, or trains a real model) first: the two workers
+    then end on short tests, not one waiting for the other's long one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +185,6 @@ def cli(monkeypatch, capsys):
 
     def run(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["deltacli", *map(str, args)])
-        monkeypatch.setenv("COLUMNS", "200")
         code = 0
         try:
             main()

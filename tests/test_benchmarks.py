@@ -8,14 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     done = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--tiny", "--repeats", "1", "--steps", "2",
-         "--warmup", "1", "--rows", "lora", "--work", str(tmp_path), "--batch", "3",
+        [sys.executable, str(BENCHMARK), "--tiny", "--repeats", "1", "--steps", "1",
+         "--warmup", "0", "--rows", "lora", "--work", str(tmp_path), "--batch", "3",
          "--out", str(out), "--loss-kernel", "liger"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

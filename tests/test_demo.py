@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_quick_start_learns_sst2(cli, tmp_path):
     out_dir = tmp_path / "lora"
     code, _, err = cli("train", "--method", "lora", "--output", out_dir, "train.max_steps=60")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from helpers import ACCELERATE, assert_close, launcher
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 def test_two_processes_train_one_delta_and_save_it_once(tiny_bert, sentiment, tmp_path):
     command = [
@@ -55,6 +56,7 @@ with open(f"{sys.argv[2]}/chosen-{rank}", "w") as out:  # one file a rank: no in
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 def test_sift_chooses_the_same_entries_on_every_rank(tiny_bert, sentiment, tmp_path):
     script = tmp_path / "choose.py"
@@ -75,6 +77,7 @@ def test_sift_chooses_the_same_entries_on_every_rank(tiny_bert, sentiment, tmp_p
     assert len({digest for _, _, digest in chosen}) == 1  # chosen from the summed gradients
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 @pytest.mark.parametrize(
     "deltas",

@@ -158,6 +158,7 @@ for name, raw in cases.items():
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 def test_two_processes_train_what_one_process_trains(cases, tmp_path):
     """2 processes × batch 4, and 2 × batch 2 × grad_accum 2, against 1 × batch 8."""
@@ -234,6 +235,7 @@ def test_packed_rows_reach_the_model_without_an_attention_mask(cases):
     assert_close(together, alone, rel=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 def test_two_machines_train_one_run_as_one_machine_with_two_processes(cases, tmp_path):
     """Two launchers on this machine, one process each (`--num_machines 2`, ranks 0 and 1,

@@ -64,6 +64,7 @@ def steps(model, deltas):
         optimizer.zero_grad()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
 @pytest.mark.parametrize(
     "delta", [{"kind": "lora", "r": 4}, {"kind": "prefix", "length": 3, "projection": 8}]
@@ -151,6 +152,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
 def test_an_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_delta(
     tiny_llama, instructions, tmp_path

@@ -206,6 +206,7 @@ def _full_finetune(base: Path, folder: Path, seed: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent)) is None,
                     reason="mergekit is not installed")  # fmt: skip
 def test_ties_of_two_full_finetunes_equals_mergekit(tiny_llama, tmp_path):

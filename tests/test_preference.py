@@ -250,6 +250,7 @@ def _pairs_recipe(folder, tiny_llama, preferences, **train) -> str:
     return str(recipe)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 def test_two_processes_killed_and_resumed_train_what_one_process_trains(
     tiny_llama, preferences, tmp_path

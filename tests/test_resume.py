@@ -61,6 +61,7 @@ def uninterrupted(tmp_path_factory, tiny_bert, sentiment) -> Path:
     return folder / "out"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("how", "step", "code"), [("kill", 7, -9), ("int", 10, 130)])
 def test_a_stopped_run_resumes_to_the_same_delta(
     tmp_path, tiny_bert, sentiment, uninterrupted, how, step, code
@@ -115,6 +116,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 def test_two_processes_resume_to_the_same_delta_after_kill_9(tmp_path, tiny_bert, sentiment):
     two = [*args(tiny_bert, sentiment, "out"), "train.batch_size=8"]
@@ -138,6 +140,7 @@ def test_two_processes_resume_to_the_same_delta_after_kill_9(tmp_path, tiny_bert
     assert metrics["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_sigterm_stops_with_a_checkpoint_and_exit_143(tmp_path, tiny_bert, sentiment):
     script = tmp_path / "stopping.py"
     script.write_text(STOPPING.replace("signal.SIGINT", "signal.SIGTERM"))

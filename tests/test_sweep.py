@@ -67,6 +67,7 @@ def swept(tmp_path_factory, tiny_bert, sentiment) -> tuple[Path, dict[str, float
     return folder / "s", finished, again.stderr
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_redoing_finished_runs(swept):
     folder, finished, log = swept
     assert "sweep: 2 already done, 5 trained, 1 resumed" in " ".join(log.split())
@@ -77,6 +78,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(swept):
     assert not [p for p in folder.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_report_gives_each_method_s_best_lr_mean_and_std_over_seeds(swept, cli):
     folder, _, _ = swept
     code, out, err = cli("report", folder, "--json", "--csv", folder / "report.csv")
@@ -97,6 +99,7 @@ def test_report_gives_each_method_s_best_lr_mean_and_std_over_seeds(swept, cli):
     assert (folder / "report.csv").read_text().startswith("method,")
 
 
+@pytest.mark.slow
 def test_report_draws_valid_pngs(swept, cli):
     matplotlib = pytest.importorskip("matplotlib.image")
     folder, _, _ = swept
@@ -110,6 +113,7 @@ def test_report_draws_valid_pngs(swept, cli):
     assert matplotlib.imread(run_curves).ndim == 3
 
 
+@pytest.mark.slow
 def test_dry_run_lists_every_run_and_its_status(swept, cli, tiny_bert, sentiment):
     folder, _, _ = swept
     code, out, err = cli(*sweep_args(tiny_bert, sentiment, folder), "--dry-run", "--json")
@@ -141,6 +145,7 @@ def test_tensorboard_receives_the_training_log(tiny_bert, sentiment, tmp_path, c
     assert accumulator.Scalars("eval/accuracy")
 
 
+@pytest.mark.slow
 def test_jobs_2_and_submitit_finish_the_runs_that_one_at_a_time_does(
     tiny_bert_no_dropout, sentiment, tmp_path, cli
 ):

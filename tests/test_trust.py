@@ -266,6 +266,7 @@ def test_a_second_ctrl_c_says_the_checkpoint_is_kept_and_how_to_resume(
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_recipes_print_raw_yaml_when_piped():
     """`deltacli recipes NAME > my.yaml`: the file is the recipe, byte for byte."""
     from deltacli.recipe import shipped_recipes
