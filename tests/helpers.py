@@ -276,6 +276,18 @@ def run_offline(command: list[str], cwd: Path, timeout: int = 600) -> subprocess
     )
 
 
+def what_failed(done: subprocess.CompletedProcess) -> str:
+    """A failed command's stderr for an assertion message: from its first traceback or error
+    line, and its end. Under a launcher the launcher's own traceback comes last and would hide
+    the process's (CI once showed only `ChildFailedError`)."""
+    lines = done.stderr.splitlines()
+    first = next(
+        (i for i, line in enumerate(lines) if line.startswith(("Traceback", "error", "E "))),
+        max(len(lines) - 30, 0),
+    )
+    return "\n".join(lines[first : first + 40]) + "\n…\n" + done.stderr[-1500:]
+
+
 # Runs the CLI, first making the process stop itself right after the training log records
 # step K: `kill` sends SIGKILL (nothing can run after it), `int` SIGINT (Ctrl-C).
 STOPPING = """

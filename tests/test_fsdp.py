@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from deltacli.build import prepare_model
 from deltacli.recipe import parse_recipe
 from deltacli.storage.delta_folder import WEIGHTS_FILE
-from helpers import assert_close
+from helpers import assert_close, what_failed
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 
@@ -80,7 +80,7 @@ def test_an_fsdp_sharded_delta_is_saved_whole_with_its_trained_values(tiny_llama
          json.dumps(raw), str(tmp_path / "delta")],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, what_failed(done)
     saved = load_file(tmp_path / "delta" / WEIGHTS_FILE)
 
     recipe = parse_recipe(raw)
@@ -177,11 +177,11 @@ def test_an_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_delt
         )  # fmt: skip
 
     whole = run("none", *train, "-o", "whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert whole.returncode == 0, what_failed(whole)
     killed = run("kill", *train, "-o", "cut")
     assert killed.returncode != 0 and not (tmp_path / "cut").exists()
     resumed = run("none", "train", "--resume", "cut")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, what_failed(resumed)
     assert "resumed from" in resumed.stderr and "step-000002" in resumed.stderr
     expected = load_file(tmp_path / "whole" / WEIGHTS_FILE)
     got = load_file(tmp_path / "cut" / WEIGHTS_FILE)

@@ -18,7 +18,15 @@ from deltacli.tasks.preference import encode_pairs, split_prompt
 from deltacli.tasks.tables import batches
 from deltacli.training.preference import reference_pass
 from deltacli.training.trainer import Trainer
-from helpers import ACCELERATE, STOPPING, launcher, run_offline, tiny_recipe, write_jsonl
+from helpers import (
+    ACCELERATE,
+    STOPPING,
+    launcher,
+    run_offline,
+    tiny_recipe,
+    what_failed,
+    write_jsonl,
+)
 
 # Every kind, and a composition (MAM: prefix + a parallel adapter at the FFN).
 KINDS = [
@@ -262,14 +270,14 @@ def test_two_processes_killed_and_resumed_train_what_one_process_trains(
     recipe = _pairs_recipe(tmp_path, tiny_llama, preferences, epochs=2, save_every=3)
     one = [sys.executable, "-m", "deltacli", "train", "--recipe", recipe, "train.batch_size=8"]
     done = run_offline([*one, "-o", "one"], tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, what_failed(done)
     script = tmp_path / "stopping.py"
     script.write_text(STOPPING)
     two = ["train", "--recipe", recipe, "train.batch_size=4", "-o", "two"]
     killed = run_offline([*launcher(), str(script), "kill", "5", *two], tmp_path)
     assert killed.returncode != 0
     resumed = run_offline([*launcher(), "-m", "deltacli", "train", "--resume", "two"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, what_failed(resumed)
     first, second = (load_file(tmp_path / name / WEIGHTS_FILE) for name in ("one", "two"))
     for key, tensor in first.items():
         torch.testing.assert_close(second[key], tensor, rtol=1e-9, atol=1e-12)

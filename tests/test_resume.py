@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from deltacli.files.outputs import MARKER
 from deltacli.storage.delta_folder import WEIGHTS_FILE
-from helpers import ACCELERATE, STOPPING, launcher, run_offline
+from helpers import ACCELERATE, STOPPING, launcher, run_offline, what_failed
 
 
 def args(tiny_bert, sentiment, output, *extra) -> list[str]:
@@ -57,7 +57,7 @@ def assert_same(resumed: Path, uninterrupted: Path) -> None:
 def uninterrupted(tmp_path_factory, tiny_bert, sentiment) -> Path:
     folder = tmp_path_factory.mktemp("uninterrupted")
     done = run_offline(deltacli(*args(tiny_bert, sentiment, "out")), folder)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, what_failed(done)
     return folder / "out"
 
 
@@ -69,14 +69,14 @@ def test_a_stopped_run_resumes_to_the_same_delta(
     script = tmp_path / "stopping.py"
     script.write_text(STOPPING)
     stopped = run_offline(stopping(script, how, step, *args(tiny_bert, sentiment, "out")), tmp_path)
-    assert stopped.returncode == code, stopped.stderr[-2000:]
+    assert stopped.returncode == code, what_failed(stopped)
     assert not (tmp_path / "out").exists()  # nothing that looks complete
     if how == "int":  # one line: where the checkpoint is, and how to continue
         (line,) = stopped.stderr.strip().splitlines()[-1:]
         assert line.startswith("interrupted: stopped at step 10 of 16; checkpoint saved in ")
         assert line.endswith("continue with: deltacli train --resume out")
     resumed = run_offline(deltacli("train", "--resume", "out"), tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, what_failed(resumed)
     assert "resumed from" in resumed.stderr
     assert_same(tmp_path / "out", uninterrupted)
     assert (tmp_path / "out" / MARKER).is_file()
@@ -123,7 +123,7 @@ def test_two_processes_resume_to_the_same_delta_after_kill_9(tmp_path, tiny_bert
     reference = tmp_path / "reference"
     reference.mkdir()
     done = run_offline([*launcher(), "-m", "deltacli", *two], reference)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, what_failed(done)
 
     script = tmp_path / "stopping.py"
     script.write_text(STOPPING)
@@ -134,7 +134,7 @@ def test_two_processes_resume_to_the_same_delta_after_kill_9(tmp_path, tiny_bert
     late = tmp_path / "late.py"
     late.write_text(LATE_READER)
     resumed = run_offline([*launcher(), str(late), "train", "--resume", "out"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, what_failed(resumed)
     assert_same(tmp_path / "out", reference / "out")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
@@ -145,7 +145,7 @@ def test_sigterm_stops_with_a_checkpoint_and_exit_143(tmp_path, tiny_bert, senti
     script = tmp_path / "stopping.py"
     script.write_text(STOPPING.replace("signal.SIGINT", "signal.SIGTERM"))
     stopped = run_offline(stopping(script, "term", 4, *args(tiny_bert, sentiment, "out")), tmp_path)
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert stopped.returncode == 128 + signal.SIGTERM, what_failed(stopped)
     assert "checkpoint saved in" in stopped.stderr and "--resume out" in stopped.stderr
 
 
