@@ -112,6 +112,7 @@ def logits64(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
     """Equal up to rounding: at most `rel` of the values' own scale apart (1e-5: a hundred
     float32 roundings; a wrong formula misses by orders of magnitude more)."""
+    actual, expected = actual.detach(), expected.detach()
     scale = max(1.0, float(expected.abs().max()))
     difference = float((actual.double() - expected.double()).abs().max())
     assert difference <= rel * scale, f"{difference:.3g} apart (bound {rel:g} x {scale:.3g})"
