@@ -255,23 +255,29 @@ def tiny_recipe(
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 
 
-def launcher(processes: int = 2) -> list[str]:
-    """`accelerate launch` for CPU processes (gloo) on a free port (one launch may still be
-    releasing the default port when the next starts)."""
+def free_port() -> int:
+    """A port for a launch's rendezvous: one launch may still be releasing the default port
+    when the next starts (and two test workers launch at once)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def launcher(processes: int = 2) -> list[str]:
+    """`accelerate launch` for CPU processes (gloo) on a free port."""
     return [
         ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(port),
+        "--main_process_port", str(free_port()),
     ]  # fmt: skip
 
 
-def run_offline(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_offline(
+    command: list[str], cwd: Path, timeout: int = 600, **env: str
+) -> subprocess.CompletedProcess:
     """A deltacli command in its own process, offline and on one thread (two processes on two
-    cores, each with every core's threads, run several times slower)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cores, each with every core's threads, run several times slower); `env`: more variables."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -1,14 +1,12 @@
 """Two CPU processes (gloo) through `accelerate launch`: one job, trained together, saved once."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from helpers import ACCELERATE, assert_close, launcher, what_failed
+from helpers import ACCELERATE, assert_close, launcher, run_offline, what_failed
 
 
 @pytest.mark.slow
@@ -20,10 +18,7 @@ def test_two_processes_train_one_delta_and_save_it_once(tiny_bert, sentiment, tm
         "--eval-data", str(sentiment["eval"]), "--output", "out",
         "data.text=text", "train.epochs=2", "train.batch_size=8", "train.lr=1e-2", "train.log_every=1",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    done = run_offline(command, tmp_path, timeout=300)
     assert done.returncode == 0, what_failed(done)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
@@ -68,8 +63,7 @@ def test_sift_chooses_the_same_entries_on_every_rank(tiny_bert, sentiment, tmp_p
         "train": {"batch_size": 8},
     }
     command = [*launcher(), str(script), json.dumps(recipe), str(tmp_path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run_offline(command, tmp_path, timeout=300)
     assert done.returncode == 0, what_failed(done)
     chosen = sorted(path.read_text().split() for path in tmp_path.glob("chosen-*"))
     assert [rank for rank, _, _ in chosen] == ["0", "1"]
@@ -107,16 +101,12 @@ def test_two_processes_with_batch_b_equal_one_with_batch_2b(
         "data": {"train": str(sentiment["train"]), "eval": str(sentiment["eval"]), "text": "text"},
         "deltas": deltas, "train": {"max_steps": 4, "lr": 1e-2, "weight_decay": 0.0},
     }))  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     runs = {
         "one": [sys.executable, "-m", "deltacli", "train", "train.batch_size=16"],
         "two": [*launcher(), "-m", "deltacli", "train", "train.batch_size=8"],
     }
     for name, command in runs.items():
-        done = subprocess.run(
-            [*command, "--recipe", str(recipe), "-o", name],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        done = run_offline([*command, "--recipe", str(recipe), "-o", name], tmp_path, timeout=300)
         assert done.returncode == 0, what_failed(done)
     one, two = (load_file(tmp_path / name / "adapter_model.safetensors") for name in runs)
     assert one.keys() == two.keys()

@@ -22,6 +22,7 @@ from helpers import (
     ACCELERATE,
     LM_WORDS,
     assert_close,
+    free_port,
     launcher,
     run_offline,
     sentiment_rows,
@@ -243,12 +244,9 @@ def test_two_machines_train_one_run_as_one_machine_with_two_processes(cases, tmp
     the main process at 127.0.0.1): one run, one delta, one log, and the delta of one
     process at the same total batch."""
     import os
-    import socket
     import subprocess
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     raw = split(cases["classification"], 4, 1)
     (tmp_path / "recipe.yaml").write_text(json.dumps(raw))  # JSON is YAML
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

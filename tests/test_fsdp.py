@@ -8,7 +8,6 @@ accelerate does on GPUs, and deltacli's own gathering is what is tested.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 from deltacli.build import prepare_model
 from deltacli.recipe import parse_recipe
 from deltacli.storage.delta_folder import WEIGHTS_FILE
-from helpers import assert_close, what_failed
+from helpers import assert_close, free_port, run_offline, what_failed
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 
@@ -74,11 +73,10 @@ def test_an_fsdp_sharded_delta_is_saved_whole_with_its_trained_values(tiny_llama
     script = tmp_path / "sharded.py"
     source = SHARED_STEPS + SHARDED
     script.write_text(source)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [TORCHRUN, "--nproc_per_node", "2", "--master_port", _port(), str(script),
+    done = run_offline(
+        [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
          json.dumps(raw), str(tmp_path / "delta")],
-        env=env, capture_output=True, text=True, timeout=300,
+        tmp_path, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, what_failed(done)
     saved = load_file(tmp_path / "delta" / WEIGHTS_FILE)
@@ -100,14 +98,6 @@ SHARED_STEPS = f"""
 import torch
 {__import__("inspect").getsource(steps)}
 """
-
-
-def _port() -> str:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
 
 
 # `deltacli train` under torchrun with its model sharded by torch's FSDP2, as accelerate's FSDP
@@ -161,7 +151,6 @@ def test_an_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_delt
     and the delta equals, bit for bit, the run that was never stopped."""
     script = tmp_path / "fsdp_train.py"
     script.write_text(FSDP_TRAIN)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     train = [
         "train", "--method", "lora", "--model", str(tiny_llama), "--data",
         str(instructions["train"]), "--eval-data", str(instructions["eval"]), "task=causal-lm",
@@ -170,10 +159,10 @@ def test_an_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_delt
     ]  # fmt: skip
 
     def run(how: str, *arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [TORCHRUN, "--nproc_per_node", "2", "--master_port", _port(), str(script), how,
-             "3", *arguments],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        return run_offline(
+            [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
+             how, "3", *arguments],
+            tmp_path, timeout=300, ACCELERATE_USE_CPU="1",
         )  # fmt: skip
 
     whole = run("none", *train, "-o", "whole")
